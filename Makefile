@@ -1,0 +1,58 @@
+# resnet_repro: the reproduction log. `make help` lists every target.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROFILE ?= paper
+DATA ?=
+LAUNCHER ?=
+SAMPLE := ../shared/data/cifar10-sample/cifar10_sample.npz
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-all lint smoke reproduce plot bench download tensorboard clean
+
+help: ## list every target with one line each
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@echo "  variables: PROFILE=paper|quick  DATA=path/to/file.npz (default: CIFAR-10 download)  LAUNCHER=joblib|slurm|..."
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --upgrade pip
+	# torch and torchvision in one call so pip picks a matching pair (a mismatched torchvision fails to import)
+	$(VENV)/bin/pip install "torch>=2.4" "torchvision>=0.19"
+	$(VENV)/bin/pip install -e ".[dev,parallel,slurm]"
+	$(PY) -c "import torch, torchvision, hydra, omegaconf; print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| hydra', hydra.__version__)"
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the package with all extras (idempotent)
+
+test: $(STAMP) ## install if needed, then run the default test suite (CPU, no network, a few minutes)
+	$(VENV)/bin/pytest -q
+
+test-all: $(STAMP) ## the default suite plus slow tests
+	$(VENV)/bin/pytest -q -m "not gpu"
+
+lint: $(STAMP) ## ruff lint
+	$(VENV)/bin/ruff check .
+
+smoke: $(STAMP) ## one tiny ResNet-20 run on the CIFAR-10 sample (CPU, about a minute)
+	$(PY) -m resnet_repro.train experiment=smoke data=npz data.path=$(SAMPLE)
+
+download: $(STAMP) ## download CIFAR-10 into ./data with torchvision
+	$(PY) -m resnet_repro.download --root ./data
+
+reproduce: $(STAMP) ## download -> every experiment -> plots (PROFILE=quick DATA=file.npz for the CPU version)
+	$(PY) -m resnet_repro.reproduce --profile $(PROFILE) $(if $(DATA),--data $(DATA)) $(if $(LAUNCHER),--launcher $(LAUNCHER))
+
+plot: $(STAMP) ## redraw Figure 6/7 and Table 6 from finished runs (RUNS=runs/<experiment> OUT=results/<dir>)
+	$(PY) -m resnet_repro.plot $(or $(RUNS),runs) --out $(or $(OUT),results/latest)
+
+bench: $(STAMP) ## throughput benchmark: typical reproduction vs our runner, side by side -> results/bench/
+	$(PY) scripts/bench.py
+
+tensorboard: $(STAMP) ## TensorBoard over all runs
+	$(VENV)/bin/tensorboard --logdir runs
+
+clean: ## remove the virtualenv and caches (keeps runs/ and data/)
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,107 @@
+"""Atomic checkpoints that load with `torch.load(weights_only=True)`, checked against the run's config."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from resnet_repro.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "last.pt"
+FORMAT_VERSION = 1
+# Keys that may change between a run and its resumption without changing the run's results.
+RESUME_NEUTRAL_KEYS = ("trainer", "data.root", "data.path", "data.label", "runs_dir", "fail_at_iter")
+
+
+def config_fingerprint(config: dict[str, Any]) -> str:
+    """sha256 of the config minus keys that do not change results: two runs resume each other only if equal."""
+    cleaned = json.loads(json.dumps(config, sort_keys=True, default=str))
+    for dotted in RESUME_NEUTRAL_KEYS:
+        *parents, leaf = dotted.split(".")
+        node = cleaned
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(leaf, None)
+    return hashlib.sha256(json.dumps(cleaned, sort_keys=True).encode()).hexdigest()
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Write a file so that readers see the old version or the new one, never a partial one.
+
+    `write(f)` writes into a temp file in the same directory; it is flushed, fsynced and renamed over `path`,
+    and the directory is fsynced. A failure at any point leaves `path` untouched and removes the temp file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Atomically write `obj` as indented JSON."""
+    atomic_write_bytes(
+        path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+    )
+
+
+def remove_stale_temp_files(directory: Path) -> int:
+    """Delete temp files left by an interrupted atomic write; returns how many were removed."""
+    stale = list(directory.glob(".*.tmp")) if directory.is_dir() else []
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d stale temp file(s) in %s", len(stale), directory)
+    return len(stale)
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Atomically save a checkpoint (plain tensors, numbers, strings, lists and dicts only)."""
+    state = {"format_version": FORMAT_VERSION, **state}
+    atomic_write_bytes(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: Path, fingerprint: str, model: torch.nn.Module) -> dict[str, Any]:
+    """Load and check a checkpoint for this run; any problem raises ConfigError naming the file and the fix."""
+    fix = f"to start this run over, delete {path} (or the whole run directory {path.parent.parent})"
+    size = path.stat().st_size
+    if size == 0:
+        raise ConfigError(f"checkpoint {path} is empty (0 bytes); {fix}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        raise ConfigError(
+            f"checkpoint {path} ({size} bytes) cannot be read: {type(exc).__name__}: {exc}; {fix}"
+        ) from None
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        raise ConfigError(f"checkpoint {path} is not a resnet_repro checkpoint (format {FORMAT_VERSION}); {fix}")
+    if state.get("config_fingerprint") != fingerprint:
+        raise ConfigError(
+            f"checkpoint {path} was written by a different configuration (config hash "
+            f"{str(state.get('config_fingerprint'))[:12]} != {fingerprint[:12]} of this run); {fix}"
+        )
+    expected = model.state_dict()
+    saved = state.get("model", {})
+    if set(saved) != set(expected) or any(saved[k].shape != v.shape for k, v in expected.items()):
+        raise ConfigError(f"checkpoint {path} holds a different architecture than model.arch/model.depth; {fix}")
+    return state

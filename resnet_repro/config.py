@@ -1,0 +1,222 @@
+"""Typed configuration schema (Hydra ConfigStore) and the checks that run before anything is built.
+
+Every key is documented where it is declared, with units and the paper section it comes from
+("paper" = He et al. 2015, Deep Residual Learning for Image Recognition, section 4.2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+from resnet_repro.errors import ConfigError
+
+
+class Shortcut(str, Enum):
+    """Shortcut options of the paper (section 3.3): A zero-pad identity, B projection where shape changes, C always."""
+
+    A = "A"
+    B = "B"
+    C = "C"
+
+
+class Normalize(str, Enum):
+    """Input normalisation: the paper's per-pixel mean subtraction, or per-channel mean/std."""
+
+    pixel_mean = "pixel_mean"
+    channel = "channel"
+
+
+class Precision(str, Enum):
+    """Arithmetic precision of the forward/backward pass; `auto` = bf16 on CUDA, fp32 on CPU."""
+
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class Device(str, Enum):
+    """Where to train; `auto` picks CUDA when available."""
+
+    auto = "auto"
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+class DataSource(str, Enum):
+    """Where images come from: torchvision's CIFAR-10 download, or a local npz file."""
+
+    cifar10 = "cifar10"
+    npz = "npz"
+
+
+@dataclass
+class ModelConfig:
+    """The network (paper section 4.2, Table 6)."""
+
+    arch: str = "resnet"  # plain | resnet | preact | bottleneck | resnet18
+    depth: int | None = 20  # plain/resnet/preact: 6n+2; bottleneck: 9n+2; resnet18: null
+    shortcut: Shortcut = Shortcut.A  # paper uses A on CIFAR (section 4.2); B/C for the shortcut study
+    num_classes: int = 10
+    bn_group: int = 0  # ghost-BN sub-batch in images; 0 = whole per-GPU batch; 64 = paper's 2-GPU statistics
+
+
+@dataclass
+class DataConfig:
+    """The data set, split and augmentation (paper section 4.2)."""
+
+    source: DataSource = DataSource.cifar10
+    root: str = "./data"  # torchvision download directory (source=cifar10)
+    path: str | None = None  # npz file with x_train,y_train,x_test,y_test (source=npz)
+    label: str | None = None  # human label for results, e.g. "CIFAR-10 (JPEG re-encoded)"; default from source
+    batch_size: int = 128  # global minibatch in images (paper: 128, split over two GPUs)
+    val_split: int = 0  # images held out of training for validation; paper: 5000 to choose the schedule, 0 final
+    augment: bool = True  # pad 4 px, random 32x32 crop, random horizontal flip (paper)
+    normalize: Normalize = Normalize.pixel_mean  # paper: per-pixel mean subtracted, from the training images only
+    eval_batch_size: int = 1000  # images per forward pass at evaluation time (no effect on results)
+
+
+@dataclass
+class OptimConfig:
+    """SGD and the iteration-based learning-rate schedule (paper section 4.2)."""
+
+    lr: float = 0.1  # initial learning rate
+    momentum: float = 0.9
+    weight_decay: float = 1e-4  # applied to every parameter, as in the paper's Caffe setup
+    milestones: list[int] = field(default_factory=lambda: [32000, 48000])  # iterations where lr is multiplied by gamma
+    gamma: float = 0.1  # lr factor at each milestone
+    max_iter: int = 64000  # iterations (not epochs): 64k at batch 128 is about 164 epochs
+    warmup: bool | None = None  # paper: on for ResNet-110/1202; null = on when depth >= 110
+    warmup_lr: float = 0.01  # lr during warm-up
+    warmup_until_err: float = 80.0  # warm-up ends once the training error (%) drops below this
+    warmup_window: int = 50  # training error is the mean over this many most recent minibatches
+    warmup_max_iter: int = 2000  # give up on the warm-up here (with a warning) and go to lr
+
+
+@dataclass
+class TrainerConfig:
+    """How the loop runs: device, precision, intervals. None of these change the recipe."""
+
+    device: Device = Device.auto
+    precision: Precision = Precision.auto
+    channels_last: bool | None = None  # null = on for CUDA
+    compile: bool = False  # torch.compile the model
+    log_every: int = 100  # iterations between training-error/loss log points (and host syncs)
+    eval_every: int = 2000  # iterations between test (and val) evaluations; always at the end too
+    checkpoint_every: int = 2000  # iterations between checkpoints; always at the end too
+    progress: bool = True  # progress bar on stderr
+    threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
+    gpus_per_job: int = 1  # informational for launchers; torchrun sets world size itself
+
+
+@dataclass
+class TrainConfig:
+    """Top-level configuration of one training run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0  # seeds init, data order and augmentation; results are mean+-std over seeds
+    experiment: str = "default"  # name of the experiment; runs go to runs/<experiment>/<overrides>
+    runs_dir: str = "runs"  # root of all run directories
+    responses: bool = True  # compute Figure-7 layer-response std at the end (plain/resnet only)
+    fail_at_iter: int | None = None  # fault injection for tests of sweep safety: raise at this iteration
+
+
+def register_configs() -> None:
+    """Register the schema so `configs/train.yaml` can name it in its defaults list."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def validate(cfg: TrainConfig, world_size: int = 1, cuda_available: bool | None = None) -> None:
+    """Check ranges and combinations; raise ConfigError naming the full key. Builds nothing."""
+    from resnet_repro.models import validate_model_args
+
+    validate_model_args(cfg.model.arch, cfg.model.depth, str(Shortcut(cfg.model.shortcut).value))
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.trainer
+    _require(m.num_classes >= 2, "model.num_classes", m.num_classes, "an integer >= 2")
+    _require(d.batch_size >= 1, "data.batch_size", d.batch_size, "a positive integer (paper: 128)")
+    _require(
+        d.batch_size % world_size == 0,
+        "data.batch_size",
+        d.batch_size,
+        f"must be divisible by the number of processes ({world_size}); use e.g. {128 // world_size * world_size}",
+    )
+    per_rank = d.batch_size // world_size
+    _require(m.bn_group >= 0, "model.bn_group", m.bn_group, "0 (whole batch) or a positive divisor of the batch")
+    if m.bn_group:
+        _require(
+            per_rank % m.bn_group == 0,
+            "model.bn_group",
+            m.bn_group,
+            f"must divide the per-process batch {per_rank} (data.batch_size / processes); e.g. 64 for batch 128",
+        )
+    _require(d.val_split >= 0, "data.val_split", d.val_split, "0 or a positive number of images (paper: 5000)")
+    _require(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "a positive integer")
+    if DataSource(d.source) is DataSource.npz:
+        _require(d.path is not None, "data.path", d.path, "data=npz needs data.path=FILE.npz")
+        _require(Path(d.path).is_file(), "data.path", d.path, "file not found; give an existing .npz file")
+    _require(o.lr > 0, "optim.lr", o.lr, "a positive number (paper: 0.1)")
+    _require(0 <= o.momentum < 1, "optim.momentum", o.momentum, "a number in [0, 1) (paper: 0.9)")
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a non-negative number (paper: 1e-4)")
+    _require(0 < o.gamma <= 1, "optim.gamma", o.gamma, "a number in (0, 1] (paper: 0.1)")
+    _require(o.max_iter >= 1, "optim.max_iter", o.max_iter, "a positive number of iterations (paper: 64000)")
+    ms = list(o.milestones)
+    _require(
+        all(a < b for a, b in zip(ms, ms[1:])),
+        "optim.milestones",
+        ms,
+        "strictly increasing iterations, e.g. [32000,48000]",
+    )
+    _require(
+        all(0 < x < o.max_iter for x in ms),
+        "optim.milestones",
+        ms,
+        f"each milestone must lie in (0, optim.max_iter={o.max_iter})",
+    )
+    _require(o.warmup_lr > 0, "optim.warmup_lr", o.warmup_lr, "a positive number (paper: 0.01)")
+    _require(0 < o.warmup_until_err <= 100, "optim.warmup_until_err", o.warmup_until_err, "a percentage in (0, 100]")
+    _require(o.warmup_window >= 1, "optim.warmup_window", o.warmup_window, "a positive number of minibatches")
+    _require(o.warmup_max_iter >= 1, "optim.warmup_max_iter", o.warmup_max_iter, "a positive number of iterations")
+    for key in ("log_every", "eval_every", "checkpoint_every"):
+        value = getattr(t, key)
+        _require(value >= 1, f"trainer.{key}", value, "a positive number of iterations")
+    _require(t.threads >= 0, "trainer.threads", t.threads, "0 (torch default) or a positive thread count")
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    device, precision = Device(t.device), Precision(t.precision)
+    _require(
+        not (device is Device.cuda and not cuda_available),
+        "trainer.device",
+        device.value,
+        "CUDA was asked for but torch sees no GPU; use trainer.device=cpu or auto",
+    )
+    on_cpu = device is Device.cpu or (device is Device.auto and not cuda_available)
+    _require(
+        not (on_cpu and precision is Precision.fp16),
+        "trainer.precision",
+        precision.value,
+        "fp16 needs CUDA; on CPU use fp32 (or bf16)",
+    )
+    if cfg.fail_at_iter is not None:
+        _require(cfg.fail_at_iter >= 0, "fail_at_iter", cfg.fail_at_iter, "null or an iteration >= 0")
+
+
+def warmup_enabled(optim: OptimConfig, depth: int | None) -> bool:
+    """The paper warms up ResNet-110 and 1202; `optim.warmup=null` means exactly that rule."""
+    if optim.warmup is None:
+        return depth is not None and depth >= 110
+    return bool(optim.warmup)

@@ -1,0 +1,252 @@
+"""CIFAR-10 as uint8 tensors, held on the training device, augmented there in whole batches.
+
+Loading happens once: torchvision's CIFAR-10 (downloaded on first use) or an npz file with the arrays
+`x_train, y_train, x_test, y_test` (uint8 NHWC RGB, integer labels 0..9).
+
+The training stream is the concatenation of seeded epoch permutations; iteration `i` takes stream
+positions [i*B, (i+1)*B), so every batch is full, every image is seen once per epoch, and the data of any
+iteration is a pure function of (seed, i). Augmentation (pad 4 zero pixels on each side *after*
+normalisation, i.e. pad with the mean image, then a random 32x32 crop and a random horizontal flip, as
+in fb.resnet.torch) is drawn per image from the same (seed, epoch) generator. Resuming at any iteration
+therefore needs no RNG state.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from resnet_repro.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PAD = 4  # pixels of zero padding on each side before the random crop (paper section 4.2)
+IMAGE_SIZE = 32
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+@dataclass
+class ImageArrays:
+    """A train/test split as CPU tensors: images uint8 (N, 32, 32, 3), labels int64 (N,)."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    label: str
+
+
+def load_cifar10(root: str | Path, download: bool = True) -> ImageArrays:
+    """CIFAR-10 through torchvision (downloaded into `root` the first time), as uint8 tensors."""
+    from torchvision.datasets import CIFAR10
+
+    try:
+        train = CIFAR10(str(root), train=True, download=download)
+        test = CIFAR10(str(root), train=False, download=download)
+    except (RuntimeError, OSError) as exc:
+        raise ConfigError(
+            f"data.root={str(root)!r}: could not load or download CIFAR-10 ({exc}). Check the network, or use "
+            "data=npz data.path=FILE.npz"
+        ) from exc
+    return ImageArrays(
+        x_train=torch.from_numpy(train.data),
+        y_train=torch.tensor(train.targets, dtype=torch.int64),
+        x_test=torch.from_numpy(test.data),
+        y_test=torch.tensor(test.targets, dtype=torch.int64),
+        label="CIFAR-10",
+    )
+
+
+def load_npz(path: str | Path, label: str | None = None, num_classes: int = 10) -> ImageArrays:
+    """Read an npz of uint8 NHWC images and integer labels, checking every array; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"data.path={str(path)!r}: file not found")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in NPZ_KEYS if key in npz.files}
+            present = list(npz.files)
+    except Exception as exc:  # numpy raises several types for a corrupt archive
+        raise ConfigError(f"data.path={str(path)!r}: not a readable .npz file ({type(exc).__name__}: {exc})") from exc
+    missing = [key for key in NPZ_KEYS if key not in arrays]
+    if missing:
+        raise ConfigError(f"data.path={str(path)!r}: missing arrays {missing}; found {present}; need {list(NPZ_KEYS)}")
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
+            raise ConfigError(
+                f"data.path={str(path)!r}: x_{split} must be uint8 of shape (N, 32, 32, 3), got {x.dtype} {x.shape}"
+            )
+        if y.ndim != 1 or y.shape[0] != x.shape[0] or not np.issubdtype(y.dtype, np.integer):
+            raise ConfigError(
+                f"data.path={str(path)!r}: y_{split} must be integer labels of shape ({x.shape[0]},), "
+                f"got {y.dtype} {y.shape}"
+            )
+        if y.size and (y.min() < 0 or y.max() >= num_classes):
+            raise ConfigError(f"data.path={str(path)!r}: y_{split} labels must lie in 0..{num_classes - 1}")
+    return ImageArrays(
+        x_train=torch.from_numpy(arrays["x_train"]),
+        y_train=torch.from_numpy(arrays["y_train"].astype(np.int64)),
+        x_test=torch.from_numpy(arrays["x_test"]),
+        y_test=torch.from_numpy(arrays["y_test"].astype(np.int64)),
+        label=label or f"{path.name} ({len(arrays['y_train']):,} train / {len(arrays['y_test']):,} test)",
+    )
+
+
+def split_validation(data: ImageArrays, val_split: int, seed: int) -> tuple[ImageArrays, ImageArrays | None]:
+    """Hold out `val_split` training images (a seeded, fixed subset) as a validation set; 0 = no split."""
+    if val_split == 0:
+        return data, None
+    n = len(data.y_train)
+    if val_split >= n:
+        raise ConfigError(f"data.val_split={val_split} must be smaller than the {n} training images")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(10_007 + seed))
+    val_idx, train_idx = perm[:val_split].sort().values, perm[val_split:].sort().values
+    train = ImageArrays(data.x_train[train_idx], data.y_train[train_idx], data.x_test, data.y_test, data.label)
+    val = ImageArrays(data.x_train[val_idx], data.y_train[val_idx], data.x_test, data.y_test, data.label)
+    return train, val
+
+
+def to_nchw(images: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC (as stored) -> uint8 NCHW (as convolved), contiguous."""
+    return images.permute(0, 3, 1, 2).contiguous()
+
+
+class Normalizer:
+    """Per-pixel mean subtraction (paper) or per-channel mean/std, with statistics from training images only."""
+
+    def __init__(self, train_images_nchw: torch.Tensor, mode: str) -> None:
+        x = train_images_nchw.to(torch.float64) / 255.0
+        if mode == "pixel_mean":
+            self.mean = x.mean(dim=0, keepdim=True).float()  # (1, 3, 32, 32)
+            self.scale = torch.ones(1, 3, 1, 1)
+        elif mode == "channel":
+            self.mean = x.mean(dim=(0, 2, 3), keepdim=True).float()
+            self.scale = 1.0 / x.std(dim=(0, 2, 3), keepdim=True).float()
+        else:
+            raise ConfigError(f"data.normalize={mode!r} is not allowed: pixel_mean | channel")
+
+    def to(self, device: torch.device) -> Normalizer:
+        """Move the statistics to `device` (in place); returns self."""
+        self.mean, self.scale = self.mean.to(device), self.scale.to(device)
+        return self
+
+    def __call__(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 NCHW -> normalised float32 NCHW."""
+        return (images_uint8.float() / 255.0 - self.mean) * self.scale
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator that decides one epoch's order, crops and flips: a pure function of (seed, epoch)."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed((seed * 1_000_003 + epoch) % (2**63))
+    return g
+
+
+@dataclass
+class EpochPlan:
+    """Order and augmentation of every image in one epoch (drawn together, so resume needs no RNG state)."""
+
+    order: torch.Tensor  # (N,) permutation of the training set
+    offset_y: torch.Tensor  # (N,) crop offsets in [0, 2*PAD]
+    offset_x: torch.Tensor
+    flip: torch.Tensor  # (N,) bool
+
+
+def plan_epoch(n: int, seed: int, epoch: int, augment: bool, device: torch.device) -> EpochPlan:
+    """Draw the permutation, crop offsets and flips of epoch `epoch` for `n` images."""
+    g = epoch_generator(seed, epoch)
+    order = torch.randperm(n, generator=g)
+    if augment:
+        offsets = torch.randint(0, 2 * PAD + 1, (2, n), generator=g)
+        flip = torch.rand(n, generator=g) < 0.5
+    else:
+        offsets = torch.full((2, n), PAD, dtype=torch.int64)
+        flip = torch.zeros(n, dtype=torch.bool)
+    return EpochPlan(order.to(device), offsets[0].to(device), offsets[1].to(device), flip.to(device))
+
+
+def crop_and_flip(
+    images: torch.Tensor, offset_y: torch.Tensor, offset_x: torch.Tensor, flip: torch.Tensor
+) -> torch.Tensor:
+    """Pad a float NCHW batch by PAD zeros, take per-image 32x32 crops at the given offsets, flip where asked."""
+    n = images.shape[0]
+    padded = torch.nn.functional.pad(images, (PAD, PAD, PAD, PAD))
+    ar = torch.arange(IMAGE_SIZE, device=images.device)
+    rows = (offset_y[:, None] + ar)[:, None, :, None]  # (N, 1, 32, 1)
+    cols = torch.where(flip[:, None], offset_x[:, None] + IMAGE_SIZE - 1 - ar, offset_x[:, None] + ar)
+    cols = cols[:, None, None, :]  # (N, 1, 1, 32)
+    batch = torch.arange(n, device=images.device)[:, None, None, None]
+    chans = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+    return padded[batch, chans, rows, cols]
+
+
+class DeviceData:
+    """Training and evaluation images resident on one device as uint8, normalised and augmented there."""
+
+    def __init__(
+        self,
+        data: ImageArrays,
+        val: ImageArrays | None,
+        device: torch.device,
+        normalize: str,
+        augment: bool,
+        seed: int,
+    ) -> None:
+        self.device = device
+        self.augment = augment
+        self.seed = seed
+        self.x_train = to_nchw(data.x_train).to(device)
+        self.y_train = data.y_train.to(device)
+        self.normalizer = Normalizer(to_nchw(data.x_train), normalize).to(device)
+        self.x_test, self.y_test = to_nchw(data.x_test).to(device), data.y_test.to(device)
+        self.x_val = to_nchw(val.x_train).to(device) if val is not None else None
+        self.y_val = val.y_train.to(device) if val is not None else None
+        self._plans: dict[int, EpochPlan] = {}
+
+    @property
+    def n_train(self) -> int:
+        """Number of training images."""
+        return len(self.y_train)
+
+    def _plan(self, epoch: int) -> EpochPlan:
+        if epoch not in self._plans:
+            self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
+            self._plans[epoch] = plan_epoch(self.n_train, self.seed, epoch, self.augment, self.device)
+        return self._plans[epoch]
+
+    def stream_indices(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Image indices, crop offsets and flips of stream positions [start, start+count), across epochs."""
+        parts = []
+        pos, end = start, start + count
+        while pos < end:
+            epoch, within = divmod(pos, self.n_train)
+            take = min(end - pos, self.n_train - within)
+            plan = self._plan(epoch)
+            sl = slice(within, within + take)
+            parts.append((plan.order[sl], plan.offset_y[sl], plan.offset_x[sl], plan.flip[sl]))
+            pos += take
+        if len(parts) == 1:
+            return parts[0]
+        return tuple(torch.cat(column) for column in zip(*parts))  # type: ignore[return-value]
+
+    def train_batch(self, iteration: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        """The (images, labels) of `iteration`: this rank's slice of the global batch, normalised and augmented."""
+        per_rank = batch_size // world_size
+        idx, oy, ox, flip = self.stream_indices(iteration * batch_size + rank * per_rank, per_rank)
+        images = self.normalizer(self.x_train[idx])
+        return crop_and_flip(images, oy, ox, flip), self.y_train[idx]
+
+    def eval_batches(self, split: str, batch_size: int):
+        """Yield normalised, unaugmented (images, labels) of the test or val split."""
+        x, y = (self.x_test, self.y_test) if split == "test" else (self.x_val, self.y_val)
+        for start in range(0, len(y), batch_size):
+            yield self.normalizer(x[start : start + batch_size]), y[start : start + batch_size]
+
+    def normalized_test_images(self) -> torch.Tensor:
+        """The whole test set, normalised (for Figure-7 layer responses)."""
+        return self.normalizer(self.x_test)

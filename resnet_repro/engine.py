@@ -1,0 +1,430 @@
+"""The training loop: one counter of iterations, the paper's schedule, periodic evaluation, checkpoints.
+
+`fit()` takes plain arguments (no Hydra). Inside the step loop nothing waits for the device except at
+logging/evaluation/checkpoint intervals and during the warm-up (whose switch depends on every minibatch's
+error); losses, errors and the non-finite check are accumulated on the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from resnet_repro.checkpoint import CHECKPOINT_NAME, atomic_write_json, load_checkpoint, save_checkpoint
+from resnet_repro.data import DeviceData
+from resnet_repro.optim import Schedule, set_lr
+from resnet_repro.tracking import Progress, ScalarLog, now_iso
+
+log = logging.getLogger(__name__)
+
+METRICS_NAME = "metrics.json"
+FAILED_NAME = "failed.json"
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient became NaN/inf; the update of that iteration was not applied."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM/SIGUSR1 arrived; a checkpoint was written at a step boundary."""
+
+
+@dataclass
+class LoopOptions:
+    """How long and how often: everything `fit` needs besides the objects it trains."""
+
+    max_iter: int
+    batch_size: int  # global batch, all ranks together
+    eval_batch_size: int = 1000
+    log_every: int = 100
+    eval_every: int = 2000
+    checkpoint_every: int = 2000
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    progress: bool = True
+    compute_responses: bool = True
+    fail_at_iter: int | None = None
+    description: str = "train"
+
+
+@dataclass
+class DistInfo:
+    """Rank and world size of this process (1 process = rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Only rank 0 writes files."""
+        return self.rank == 0
+
+
+@dataclass
+class Accumulators:
+    """Device-side sums over the current logging interval, plus the first non-finite iteration (-1 = none)."""
+
+    loss_sum: torch.Tensor
+    wrong: torch.Tensor
+    seen: torch.Tensor
+    step_counter: torch.Tensor
+    first_bad: torch.Tensor
+
+    @classmethod
+    def zeros(cls, device: torch.device, iteration: int) -> Accumulators:
+        """Fresh accumulators; `step_counter` starts at `iteration`."""
+        z = torch.zeros((), device=device, dtype=torch.float64)
+        return cls(
+            z.clone(), z.clone(), z.clone(), torch.tensor(iteration, device=device), torch.tensor(-1, device=device)
+        )
+
+    def reset_interval(self) -> None:
+        """Zero the interval sums."""
+        for t in (self.loss_sum, self.wrong, self.seen):
+            t.zero_()
+
+
+def autocast_context(device: torch.device, precision: str):
+    """Autocast for bf16/fp16 (weights and BN stay fp32), nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def nonfinite_flag(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    """Device bool: is the loss or any gradient NaN/inf? (no host sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = torch.stack(torch._foreach_norm(grads)) if grads else loss.new_zeros(1)
+    return ~(torch.isfinite(loss) & torch.isfinite(norms).all())
+
+
+class TrainStep:
+    """One SGD iteration: forward, loss, backward, non-finite guard, update. Also what `make bench` times."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, precision: str, device: torch.device):
+        self.model, self.optimizer, self.precision, self.device = model, optimizer, precision, device
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self.guard_in_optimizer = getattr(optimizer, "_step_supports_amp_scaling", False) and self.scaler is None
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run one iteration; returns device tensors (summed loss, number wrong, non-finite flag)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast_context(self.device, self.precision):
+            logits = self.model(images)
+            loss = F.cross_entropy(logits.float(), labels)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            bad = ~torch.isfinite(loss)
+            self.scaler.step(self.optimizer)  # skips the update itself on inf/NaN gradients
+            self.scaler.update()
+        else:
+            loss.backward()
+            bad = nonfinite_flag(loss, self.params)
+            if self.guard_in_optimizer:
+                # Fused SGD skips the whole update (weights and momentum) when found_inf is 1: no host sync.
+                self.optimizer.found_inf = bad.float()
+                self.optimizer.grad_scale = None
+                self.optimizer.step()
+            elif not bool(bad):
+                self.optimizer.step()
+        wrong = (logits.detach().argmax(dim=1) != labels).sum()
+        return loss.detach() * labels.shape[0], wrong, bad
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, data: DeviceData, split: str, batch_size: int, precision: str
+) -> tuple[float, float]:
+    """(error %, mean loss) of `model` in eval mode over the whole `split` ('test' or 'val')."""
+    was_training = model.training
+    model.eval()
+    wrong = torch.zeros((), device=data.device, dtype=torch.float64)
+    loss_sum = torch.zeros((), device=data.device, dtype=torch.float64)
+    count = 0
+    for images, labels in data.eval_batches(split, batch_size):
+        with autocast_context(data.device, precision):
+            logits = model(images).float()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+        wrong += (logits.argmax(dim=1) != labels).sum()
+        count += len(labels)
+    model.train(was_training)
+    return 100.0 * wrong.item() / count, loss_sum.item() / count
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGUSR1 into a flag checked at step boundaries (Slurm preemption)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class RunState:
+    """Everything besides model/optimizer that a resumed run must continue from."""
+
+    iteration: int = 0
+    elapsed_s: float = 0.0
+    train_time_s: float = 0.0
+    best_val_err: float | None = None
+    best_val_iter: int | None = None
+    last: dict[str, float] = field(default_factory=dict)
+
+    def state_dict(self) -> dict:
+        """Plain-data state for checkpoints."""
+        return dict(self.__dict__)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module inside DDP / torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def _all_reduce(value: float, device: torch.device, dist_info: DistInfo, how: str) -> float:
+    """`how` = 'max' or 'mean' of a float over all ranks (identity with one process)."""
+    if dist_info.world_size == 1:
+        return value
+    t = torch.tensor(value, device=device, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if how == "max" else dist.ReduceOp.SUM)
+    return t.item() if how == "max" else t.item() / dist_info.world_size
+
+
+def fit(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: Schedule,
+    data: DeviceData,
+    run_dir: Path,
+    options: LoopOptions,
+    fingerprint: str,
+    run_info: dict[str, Any],
+    dist_info: DistInfo | None = None,
+) -> dict[str, Any]:
+    """Train to `options.max_iter`, resuming from run_dir/checkpoints/last.pt if present; return metrics.
+
+    `model` may be wrapped (DDP, torch.compile). `run_info` (arch, depth, config, versions, ...) is copied into
+    metrics.json, which rank 0 writes last and atomically.
+    """
+    dist_info = dist_info or DistInfo()
+    device = data.device
+    plain_model = unwrap(model)
+    ckpt_path = run_dir / "checkpoints" / CHECKPOINT_NAME
+    state = RunState()
+    step = TrainStep(model, optimizer, options.precision, device)
+    saved: dict[str, Any] = {}
+    if ckpt_path.exists():
+        saved = load_checkpoint(ckpt_path, fingerprint, plain_model)
+        plain_model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if step.scaler is not None and saved.get("scaler"):
+            step.scaler.load_state_dict(saved["scaler"])
+        if schedule.warmup is not None:
+            schedule.warmup.load_state_dict(saved["warmup"])
+        _set_rng_state(saved["rng"])
+        state = RunState(**saved["run_state"])
+        log.info("resumed from %s at iteration %d", ckpt_path, state.iteration)
+    acc = Accumulators.zeros(device, state.iteration)
+    if "interval" in saved:
+        acc.loss_sum.fill_(saved["interval"]["loss_sum"])
+        acc.wrong.fill_(saved["interval"]["wrong"])
+        acc.seen.fill_(saved["interval"]["seen"])
+
+    def checkpoint() -> None:
+        if dist_info.is_main:
+            save_checkpoint(
+                ckpt_path,
+                {
+                    "config_fingerprint": fingerprint,
+                    "model": plain_model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": step.scaler.state_dict() if step.scaler is not None else {},
+                    "warmup": schedule.warmup.state_dict() if schedule.warmup is not None else {},
+                    "rng": _rng_state(),
+                    "run_state": state.state_dict(),
+                    "interval": {"loss_sum": acc.loss_sum.item(), "wrong": acc.wrong.item(), "seen": acc.seen.item()},
+                },
+            )
+        if dist_info.world_size > 1:
+            dist.barrier()
+
+    scalars = ScalarLog(run_dir, dist_info.is_main, state.iteration)
+    progress = Progress(options.max_iter, state.iteration, options.progress and dist_info.is_main, options.description)
+    model.train()
+    interval_start = time.perf_counter()
+    run_start = time.perf_counter() - state.elapsed_s
+    try:
+        with StopSignal() as stop:
+            while state.iteration < options.max_iter:
+                it = state.iteration
+                if options.fail_at_iter is not None and it == options.fail_at_iter:
+                    raise RuntimeError(f"fault injected at iteration {it} (fail_at_iter)")
+                lr = schedule.lr(it)
+                set_lr(optimizer, lr)
+                images, labels = data.train_batch(it, options.batch_size, dist_info.rank, dist_info.world_size)
+                loss_sum, wrong, bad = step(images, labels)
+                acc.loss_sum += loss_sum
+                acc.wrong += wrong
+                acc.seen += labels.shape[0]
+                acc.first_bad.copy_(torch.where((acc.first_bad < 0) & bad, acc.step_counter, acc.first_bad))
+                acc.step_counter += 1
+                state.iteration = it + 1
+                if schedule.warmup is not None and schedule.warmup.active:
+                    err = 100.0 * _all_reduce(wrong.item() / labels.shape[0], device, dist_info, "mean")
+                    schedule.warmup.observe(it, [err])
+                done = state.iteration == options.max_iter
+                if state.iteration % options.log_every == 0 or done:
+                    _check_finite(acc, device, dist_info, ckpt_path)
+                    now = time.perf_counter()
+                    state.train_time_s += now - interval_start
+                    seen = acc.seen.item()
+                    world_seen = seen * dist_info.world_size
+                    state.last = {
+                        "train/loss": acc.loss_sum.item() / max(seen, 1),
+                        "train/err": 100.0 * acc.wrong.item() / max(seen, 1),
+                        "opt/lr": lr,
+                        "perf/img_per_s": world_seen / max(now - interval_start, 1e-9),
+                    }
+                    scalars.add(state.iteration, state.last)
+                    log.info(
+                        "iter %d/%d lr %.4g loss %.4f train err %.2f%% %.0f img/s",
+                        state.iteration,
+                        options.max_iter,
+                        lr,
+                        state.last["train/loss"],
+                        state.last["train/err"],
+                        state.last["perf/img_per_s"],
+                    )
+                    progress.update(
+                        state.iteration,
+                        lr=f"{lr:.3g}",
+                        loss=f"{state.last['train/loss']:.3f}",
+                        err=f"{state.last['train/err']:.1f}%",
+                        img_s=f"{state.last['perf/img_per_s']:.0f}",
+                    )
+                    acc.reset_interval()
+                    interval_start = time.perf_counter()
+                if state.iteration % options.eval_every == 0 or done:
+                    _evaluate_all(model, data, options, state, scalars)
+                    interval_start = time.perf_counter()
+                state.elapsed_s = time.perf_counter() - run_start
+                if state.iteration % options.checkpoint_every == 0 or done or stop.received is not None:
+                    _check_finite(acc, device, dist_info, ckpt_path)
+                    checkpoint()
+                    scalars.flush()
+                    interval_start = time.perf_counter()
+                if stop.received is not None and not done:
+                    raise Preempted(
+                        f"signal {signal.Signals(stop.received).name} received; checkpoint written at iteration "
+                        f"{state.iteration}; rerun the same command to resume"
+                    )
+    finally:
+        progress.close()
+        scalars.close()
+    return _final_metrics(plain_model, data, options, state, run_info)
+
+
+def _check_finite(acc: Accumulators, device: torch.device, dist_info: DistInfo, ckpt_path: Path) -> None:
+    first_bad = int(_all_reduce(float(acc.first_bad.item()), device, dist_info, "max"))
+    if first_bad >= 0:
+        where = f" (rank {dist_info.rank} of {dist_info.world_size})" if dist_info.world_size > 1 else ""
+        raise NonFiniteError(
+            f"non-finite loss or gradient at iteration {first_bad}{where}; that update was not applied and the run "
+            f"stopped. The last good checkpoint is {ckpt_path} (if one was written). Lower optim.lr or enable "
+            "optim.warmup and rerun."
+        )
+
+
+def _evaluate_all(model, data: DeviceData, options: LoopOptions, state: RunState, scalars: ScalarLog) -> None:
+    eval_model = unwrap(model)
+    test_err, test_loss = evaluate(eval_model, data, "test", options.eval_batch_size, options.precision)
+    state.last.update({"test/err": test_err, "test/loss": test_loss})
+    logged = {"test/err": test_err, "test/loss": test_loss}
+    if data.x_val is not None:
+        val_err, val_loss = evaluate(eval_model, data, "val", options.eval_batch_size, options.precision)
+        logged.update({"val/err": val_err, "val/loss": val_loss})
+        state.last.update({"val/err": val_err, "val/loss": val_loss})
+        if state.best_val_err is None or val_err < state.best_val_err:
+            state.best_val_err, state.best_val_iter = val_err, state.iteration
+    scalars.add(state.iteration, logged)
+    log.info(
+        "iter %d test err %.2f%% loss %.4f%s",
+        state.iteration,
+        test_err,
+        test_loss,
+        f" | val err {logged['val/err']:.2f}%" if "val/err" in logged else "",
+    )
+
+
+def _final_metrics(model, data: DeviceData, options: LoopOptions, state: RunState, run_info: dict) -> dict[str, Any]:
+    responses = None
+    if options.compute_responses and run_info.get("arch") in ("plain", "resnet"):
+        from resnet_repro.models.responses import layer_response_std
+
+        responses = layer_response_std(model, data.normalized_test_images())
+    last = state.last
+    return {
+        **run_info,
+        "status": "finished",
+        "iterations": state.iteration,
+        "max_iter": options.max_iter,
+        "final_test_err": last.get("test/err"),
+        "final_test_loss": last.get("test/loss"),
+        "final_train_err": last.get("train/err"),
+        "final_train_loss": last.get("train/loss"),
+        "final_val_err": last.get("val/err"),
+        "best_val_err": state.best_val_err,
+        "best_val_iter": state.best_val_iter,
+        "wall_time_s": state.elapsed_s,
+        "ms_per_iter": 1000.0 * state.train_time_s / max(state.iteration, 1),
+        "layer_response_std": responses,
+        "date": now_iso(),
+    }
+
+
+def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
+    """Write metrics.json atomically; its presence marks the run as finished."""
+    if any(isinstance(v, float) and not math.isfinite(v) for v in metrics.values()):
+        raise NonFiniteError(f"refusing to write non-finite metrics to {run_dir / METRICS_NAME}")
+    atomic_write_json(run_dir / METRICS_NAME, metrics)

@@ -1,0 +1,248 @@
+"""Collect finished runs (metrics.json + TensorBoard events) into tidy tables and plain-language verdicts.
+
+Reads only what the run-directory contract (DESIGN.md §4) promises; every number it reports comes from a run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from resnet_repro.errors import ConfigError
+from resnet_repro.paper import paper_result
+
+log = logging.getLogger(__name__)
+
+METRICS = "metrics.json"
+FAILED = "failed.json"
+ARCH_ORDER = ("plain", "resnet", "preact", "bottleneck", "resnet18")
+ARCH_NAMES = {"plain": "plain", "resnet": "ResNet", "preact": "pre-act ResNet", "bottleneck": "bottleneck ResNet"}
+
+HELPS = ("Residual learning does not help", "Residual learning helps partly", "Residual learning helps")
+
+Curve = tuple[np.ndarray, np.ndarray]
+Errors = tuple[float, float, int]  # mean final train error, mean final test error, number of runs
+
+
+@dataclass
+class Run:
+    """One run directory: its metrics.json (or failed.json) and its TensorBoard scalar curves."""
+
+    path: Path
+    metrics: dict[str, Any]
+    curves: dict[str, Curve] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        """True when metrics.json says the run finished."""
+        return self.metrics.get("status") == "finished"
+
+    @property
+    def key(self) -> tuple[str, int | None, str]:
+        """The grouping key (arch, depth, shortcut)."""
+        return self.metrics["arch"], self.metrics["depth"], self.metrics["shortcut"]
+
+
+def find_runs(paths: Iterable[str | Path]) -> list[Path]:
+    """Run directories at or below the given paths: those holding metrics.json or failed.json."""
+    found: set[Path] = set()
+    for path in map(Path, paths):
+        if not path.is_dir():
+            raise ConfigError(f"run path {path} is not a directory")
+        if (path / METRICS).is_file() or (path / FAILED).is_file():
+            found.add(path)
+        else:
+            found.update(p.parent for name in (METRICS, FAILED) for p in path.rglob(name))
+    return sorted(found)
+
+
+def read_curves(run_dir: Path) -> dict[str, Curve]:
+    """Every scalar tag in the run's event files as (steps, values); a resumed run's repeated steps keep the last."""
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    curves = {}
+    for tag in acc.Tags()["scalars"]:
+        events = acc.Scalars(tag)
+        steps = np.array([e.step for e in events], dtype=np.int64)
+        values = np.array([e.value for e in events], dtype=np.float64)
+        last = len(steps) - 1 - np.unique(steps[::-1], return_index=True)[1]
+        curves[tag] = steps[last], values[last]
+    return curves
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Load one run directory; metrics.json wins over a stale failed.json from an earlier attempt."""
+    run_dir = Path(run_dir)
+    source = run_dir / METRICS if (run_dir / METRICS).is_file() else run_dir / FAILED
+    try:
+        metrics = json.loads(source.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read {source}: {exc}") from exc
+    curves = read_curves(run_dir)
+    if not curves:
+        log.warning("%s: no TensorBoard scalars found", run_dir)
+    return Run(run_dir, metrics, curves)
+
+
+def model_name(arch: str, depth: int | None, shortcut: str | None = None) -> str:
+    """Paper-style name: 'plain-20', 'ResNet-56', 'ResNet-56 (B)'; the shortcut is named only when not A."""
+    name = ARCH_NAMES.get(arch, arch) + ("" if depth is None else f"-{depth}")
+    return name if shortcut in (None, "A") or arch == "plain" else f"{name} ({shortcut})"
+
+
+def _sort_key(key: tuple[str, int | None, str]) -> tuple[int, int, str]:
+    """Order rows as the paper does: plain before ResNet, shallow before deep."""
+    arch, depth, shortcut = key
+    rank = ARCH_ORDER.index(arch) if arch in ARCH_ORDER else len(ARCH_ORDER)
+    return rank, depth or 0, shortcut
+
+
+def group_runs(runs: Iterable[Run]) -> dict[tuple[str, int | None, str], list[Run]]:
+    """Finished runs grouped by (arch, depth, shortcut), groups in table order, runs by seed."""
+    groups: dict[tuple[str, int | None, str], list[Run]] = {}
+    for run in runs:
+        if run.finished:
+            groups.setdefault(run.key, []).append(run)
+    return {k: sorted(groups[k], key=lambda r: r.metrics["seed"]) for k in sorted(groups, key=_sort_key)}
+
+
+def summarize(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (ddof=1; None for a single value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def runs_table(runs: Iterable[Run]) -> list[dict[str, Any]]:
+    """One row per (arch, depth, shortcut): seeds, test-error mean/std/best, params, the paper's number if any."""
+    rows = []
+    for (arch, depth, shortcut), group in group_runs(runs).items():
+        errs = [r.metrics["final_test_err"] for r in group]
+        mean, std = summarize(errs)
+        paper = paper_result(arch, depth, shortcut)
+        rows.append(
+            {
+                "arch": arch,
+                "depth": depth,
+                "shortcut": shortcut,
+                "params": group[0].metrics["params"],
+                "n": len(group),
+                "seeds": [r.metrics["seed"] for r in group],
+                "mean": mean,
+                "std": std,
+                "best": min(errs),
+                "paper": paper,
+                "data": sorted({r.metrics["data"]["label"] for r in group}),
+                "iterations": sorted({r.metrics["iterations"] for r in group}),
+            }
+        )
+    return rows
+
+
+def mixed_groups(rows: Iterable[dict[str, Any]]) -> list[str]:
+    """Warnings for table rows that pool runs with different data or iteration counts."""
+    return [
+        f"{model_name(r['arch'], r['depth'], r['shortcut'])} pools runs with data {r['data']} "
+        f"and iterations {r['iterations']}; its mean mixes unlike runs."
+        for r in rows
+        if len(r["data"]) > 1 or len(r["iterations"]) > 1
+    ]
+
+
+def _final_errors(runs: Iterable[Run], arch: str, shortcut: str | None) -> dict[int, Errors]:
+    """Depth → (mean final train err, mean final test err, n runs) for one arch (plain: any shortcut)."""
+    by_depth: dict[int, list[Run]] = {}
+    for run in runs:
+        m = run.metrics
+        if run.finished and m["arch"] == arch and (shortcut is None or m["shortcut"] == shortcut):
+            by_depth.setdefault(m["depth"], []).append(run)
+    return {
+        depth: (
+            statistics.fmean(r.metrics["final_train_err"] for r in group),
+            statistics.fmean(r.metrics["final_test_err"] for r in group),
+            len(group),
+        )
+        for depth, group in sorted(by_depth.items())
+    }
+
+
+def _name(arch: str, depth: int, shortcut: str | None, n: int) -> str:
+    """Model name with its seed count when the numbers are means, e.g. 'plain-56 (mean of 2 seeds)'."""
+    return model_name(arch, depth, shortcut) + (f" (mean of {n} seeds)" if n > 1 else "")
+
+
+def _compare(a: Errors, b: Errors, word: str) -> tuple[int, str]:
+    """How many of a's final train/test errors are `word` ('higher'/'lower') than b's, and a clause quoting them."""
+    sign = 1 if word == "higher" else -1
+    beats = [sign * (x - y) > 0 for x, y in zip(a[:2], b[:2])]
+    words = [word if hit else f"not {word}" for hit in beats]
+    clause = (
+        f"{words[0]} final training error ({a[0]:.2f}% vs {b[0]:.2f}%) and "
+        f"{words[1]} final test error ({a[1]:.2f}% vs {b[1]:.2f}%)"
+    )
+    return sum(beats), clause
+
+
+def degradation_verdict(runs: Sequence[Run]) -> list[str]:
+    """Sentences on degradation (deeper plain net worse on train and test) and on ResNet vs plain at equal depth."""
+    plain = _final_errors(runs, "plain", None)
+    sentences = []
+    for shallow, deep in combinations(sorted(plain), 2):
+        hits, clause = _compare(plain[deep], plain[shallow], "higher")
+        a, b = _name("plain", deep, None, plain[deep][2]), _name("plain", shallow, None, plain[shallow][2])
+        sentences.append(f"{'Degradation' if hits == 2 else 'No degradation'}: {a} ends with {clause} than {b}.")
+    if len(plain) < 2:
+        sentences.append("Fewer than two plain depths finished, so degradation cannot be assessed.")
+    shortcuts = sorted({r.metrics["shortcut"] for r in runs if r.finished and r.metrics["arch"] == "resnet"})
+    for shortcut in shortcuts:
+        resnet = _final_errors(runs, "resnet", shortcut)
+        for depth in sorted(set(resnet) & set(plain)):
+            hits, clause = _compare(resnet[depth], plain[depth], "lower")
+            a, b = _name("resnet", depth, shortcut, resnet[depth][2]), _name("plain", depth, None, plain[depth][2])
+            sentences.append(f"{HELPS[hits]} at depth {depth}: {a} ends with {clause} than {b}.")
+    return sentences
+
+
+def _span(values: Iterable[Any]) -> str:
+    """Distinct values joined for a provenance line ('-' when none)."""
+    distinct = sorted({str(v) for v in values if v is not None})
+    return ", ".join(distinct) if distinct else "-"
+
+
+def provenance(runs: Sequence[Run]) -> dict[str, str]:
+    """Where the finished runs' numbers came from, taken verbatim from their metrics.json."""
+    done = [r.metrics for r in runs if r.finished]
+    versions = [m.get("versions") or {} for m in done]
+    dates = sorted(m["date"] for m in done if m.get("date"))
+    return {
+        "data": _span(m["data"]["label"] for m in done),
+        "iterations": _span(f"{m['iterations']:,} of {m['max_iter']:,}" for m in done),
+        "devices": _span(m.get("device") for m in done),
+        "torch": _span(v.get("torch") for v in versions),
+        "cuda": _span(v.get("cuda") for v in versions),
+        "cudnn": _span(v.get("cudnn") for v in versions),
+        "git_sha": _span(v.get("git_sha") for v in versions),
+        "dates": f"{dates[0]} to {dates[-1]}" if dates else "-",
+        "runs": f"{len(done)} finished, {len(runs) - len(done)} failed",
+    }
+
+
+def data_description(runs: Sequence[Run]) -> str:
+    """Title text from the runs: data label(s) and iteration count(s), e.g. 'CIFAR-10, 64,000 iterations'."""
+    done = [r.metrics for r in runs if r.finished]
+    labels = "; ".join(sorted({m["data"]["label"] for m in done}))
+    iters = sorted({m["iterations"] for m in done})
+    span = f"{iters[0]:,}" if len(iters) == 1 else f"{iters[0]:,}–{iters[-1]:,}"
+    return f"{labels}, {span} iterations"
+
+
+def failed_runs(runs: Iterable[Run]) -> list[Run]:
+    """Runs without a finished metrics.json (crashed or diverged); never averaged into any table."""
+    return [r for r in runs if not r.finished]

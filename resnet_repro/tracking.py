@@ -1,0 +1,109 @@
+"""What a run records about itself: environment/versions, TensorBoard scalars, a progress bar."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import platform
+import socket
+import subprocess
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def git_sha(cwd: Path | None = None) -> str | None:
+    """The current commit of the source tree (with `-dirty` if modified), or None outside git."""
+    here = cwd or Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+        return sha.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def device_name(device: torch.device) -> str:
+    """A human name for the training device, e.g. 'NVIDIA H100 80GB HBM3' or 'cpu (2 threads)'."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})"
+
+
+def environment_info(device: torch.device) -> dict:
+    """Versions and machine facts recorded at the start of every run and in metrics.json."""
+    return {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "python": platform.python_version(),
+        "git_sha": git_sha(),
+        "device": device_name(device),
+        "threads": torch.get_num_threads(),
+        "host": socket.gethostname(),
+    }
+
+
+def now_iso() -> str:
+    """The current UTC time, ISO 8601, seconds precision."""
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+class ScalarLog:
+    """TensorBoard scalars at global_step = iteration; a no-op on non-zero ranks."""
+
+    def __init__(self, run_dir: Path, enabled: bool, start_iteration: int) -> None:
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events a killed run logged after its last checkpoint, so curves never double.
+            self.writer = SummaryWriter(str(run_dir), purge_step=start_iteration or None)
+
+    def add(self, iteration: int, scalars: dict[str, float]) -> None:
+        """Write each tag -> value at `iteration`."""
+        if self.writer is not None:
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, iteration)
+
+    def flush(self) -> None:
+        """Flush pending events to disk."""
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Progress:
+    """A tqdm bar over iterations (iteration, lr, loss, train err, img/s, ETA), or nothing."""
+
+    def __init__(self, total: int, start: int, enabled: bool, description: str) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc=description, unit="it", dynamic_ncols=True, leave=True)
+
+    def update(self, iteration: int, **fields: str) -> None:
+        """Move the bar to `iteration` and show `fields`."""
+        if self.bar is not None:
+            self.bar.update(iteration - self.bar.n)
+            self.bar.set_postfix(fields, refresh=False)
+
+    def close(self) -> None:
+        """Close the bar."""
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,250 @@
+"""Hydra entry point: compose, validate, build, `engine.fit`, write metrics.json. Thin on purpose.
+
+python -m resnet_repro.train model=plain model.depth=56
+python -m resnet_repro.train -m experiment=fig6_resnet model.depth=20,56
+torchrun --nproc-per-node=2 -m resnet_repro.train model.depth=110
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from resnet_repro.checkpoint import atomic_write_json, config_fingerprint, remove_stale_temp_files
+from resnet_repro.config import DataSource, Device, Precision, TrainConfig, register_configs, validate, warmup_enabled
+from resnet_repro.data import DeviceData, load_cifar10, load_npz, split_validation
+from resnet_repro.engine import FAILED_NAME, METRICS_NAME, DistInfo, LoopOptions, fit, write_metrics
+from resnet_repro.errors import ConfigError
+from resnet_repro.models import build_model, count_parameters
+from resnet_repro.models.ghost_bn import use_ghost_batch_norm
+from resnet_repro.optim import Schedule, Warmup, make_sgd
+from resnet_repro.tracking import environment_info, now_iso
+
+log = logging.getLogger("resnet_repro.train")
+
+EXIT_CONFIG_ERROR = 2
+EXIT_FAILED = 1
+
+
+def run_name(override_dirname: str) -> str:
+    """Run directory name from the command-line overrides ('default' when there are none)."""
+    return override_dirname.replace("/", "_") or "default"
+
+
+register_configs()
+if not OmegaConf.has_resolver("run_name"):
+    OmegaConf.register_new_resolver("run_name", run_name)
+
+
+def distributed_info() -> DistInfo:
+    """Rank/world size from torchrun's environment (1 process otherwise)."""
+    return DistInfo(rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def pick_device(requested: Device, dist_info: DistInfo, job_num: int | None) -> torch.device:
+    """The device for this process: torchrun's LOCAL_RANK, else one GPU per sweep job round-robin, else CPU."""
+    if requested is Device.cpu or not torch.cuda.is_available():
+        return torch.device("cpu")
+    if dist_info.world_size > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if job_num is not None and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        return torch.device("cuda", job_num % torch.cuda.device_count())
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def load_data(cfg: TrainConfig):
+    """Load the configured images once, as uint8 CPU tensors."""
+    d = cfg.data
+    if DataSource(d.source) is DataSource.npz:
+        arrays = load_npz(d.path, d.label, cfg.model.num_classes)
+    else:
+        arrays = load_cifar10(d.root)
+    if d.label:
+        arrays.label = d.label
+    return arrays
+
+
+def train(cfg: TrainConfig, run_dir: Path, dist_info: DistInfo, job_num: int | None = None) -> dict[str, Any]:
+    """Validate, build everything and fit one run in `run_dir`; returns the metrics written to metrics.json."""
+    validate(cfg, world_size=dist_info.world_size)
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    device = pick_device(Device(cfg.trainer.device), dist_info, job_num)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    precision = Precision(cfg.trainer.precision)
+    if precision is Precision.auto:
+        precision = Precision.bf16 if device.type == "cuda" else Precision.fp32
+    channels_last = cfg.trainer.channels_last if cfg.trainer.channels_last is not None else device.type == "cuda"
+    env = environment_info(device)
+    log.info(
+        "run dir %s | torch %s CUDA %s cuDNN %s | device %s | threads %d | git %s",
+        run_dir,
+        env["torch"],
+        env["cuda"],
+        env["cudnn"],
+        env["device"],
+        env["threads"],
+        env["git_sha"],
+    )
+    remove_stale_temp_files(run_dir / "checkpoints")
+
+    arrays = load_data(cfg)
+    train_arrays, val_arrays = split_validation(arrays, cfg.data.val_split, cfg.seed)
+    data = DeviceData(train_arrays, val_arrays, device, cfg.data.normalize.value, cfg.data.augment, cfg.seed)
+    log.info(
+        "data: %s | train %d, val %d, test %d",
+        arrays.label,
+        data.n_train,
+        0 if val_arrays is None else len(val_arrays.y_train),
+        len(arrays.y_test),
+    )
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model.arch, cfg.model.depth, cfg.model.shortcut.value, cfg.model.num_classes)
+    use_ghost_batch_norm(model, cfg.model.bn_group)
+    params = count_parameters(model)
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    optimizer = make_sgd(model, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay, fused=True)
+    o = cfg.optim
+    warmup = None
+    if warmup_enabled(o, cfg.model.depth):
+        warmup = Warmup(
+            lr=o.warmup_lr, until_err=o.warmup_until_err, window=o.warmup_window, max_iter=o.warmup_max_iter
+        )
+    schedule = Schedule(o.lr, list(o.milestones), o.gamma, warmup)
+    if dist_info.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.trainer.compile:
+        model = torch.compile(model)
+
+    config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
+    run_info = {
+        "arch": cfg.model.arch,
+        "depth": cfg.model.depth,
+        "shortcut": cfg.model.shortcut.value,
+        "seed": cfg.seed,
+        "experiment": cfg.experiment,
+        "params": params,
+        "device": env["device"],
+        "versions": env,
+        "precision": precision.value,
+        "world_size": dist_info.world_size,
+        "config": config_dict,
+        "data": {
+            "name": cfg.data.source.value,
+            "path": cfg.data.path,
+            "label": arrays.label,
+            "n_train": data.n_train,
+            "n_val": 0 if val_arrays is None else len(val_arrays.y_train),
+            "n_test": len(arrays.y_test),
+        },
+    }
+    log.info(
+        "model %s-%s shortcut %s: %d parameters | precision %s | warm-up %s",
+        cfg.model.arch,
+        cfg.model.depth,
+        cfg.model.shortcut.value,
+        params,
+        precision.value,
+        "on" if warmup else "off",
+    )
+    options = LoopOptions(
+        max_iter=o.max_iter,
+        batch_size=cfg.data.batch_size,
+        eval_batch_size=cfg.data.eval_batch_size,
+        log_every=cfg.trainer.log_every,
+        eval_every=cfg.trainer.eval_every,
+        checkpoint_every=cfg.trainer.checkpoint_every,
+        precision=precision.value,
+        progress=cfg.trainer.progress,
+        compute_responses=cfg.responses,
+        fail_at_iter=cfg.fail_at_iter,
+        description=f"{cfg.model.arch}-{cfg.model.depth}",
+    )
+    metrics = fit(
+        model, optimizer, schedule, data, run_dir, options, config_fingerprint(config_dict), run_info, dist_info
+    )
+    if dist_info.is_main:
+        write_metrics(run_dir, metrics)
+        log.info(
+            "finished: test err %.2f%% train err %.2f%% in %.0f s -> %s",
+            metrics["final_test_err"],
+            metrics["final_train_err"],
+            metrics["wall_time_s"],
+            run_dir / METRICS_NAME,
+        )
+    return metrics
+
+
+def _record_failure(run_dir: Path, exc: BaseException) -> None:
+    atomic_write_json(
+        run_dir / FAILED_NAME,
+        {
+            "status": "failed",
+            "error": f"{type(exc).__name__}: {exc}",
+            "date": now_iso(),
+            "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        },
+    )
+
+
+def _silence_other_ranks(dist_info: DistInfo) -> None:
+    if not dist_info.is_main:
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            if isinstance(handler, logging.FileHandler):
+                root.removeHandler(handler)
+
+
+@hydra.main(config_path="../configs", config_name="train", version_base="1.3")
+def main(dict_cfg: DictConfig) -> str:
+    """Run one job; returns 'finished', 'skipped' or 'failed'. In a sweep a failure never raises."""
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    sweeping = hydra_cfg.mode == RunMode.MULTIRUN
+    dist_info = distributed_info()
+    _silence_other_ranks(dist_info)
+    if (run_dir / METRICS_NAME).exists():
+        log.info("skipped: %s exists (the run is finished; delete it to train again)", run_dir / METRICS_NAME)
+        return "skipped"
+    if dist_info.is_main:
+        (run_dir / FAILED_NAME).unlink(missing_ok=True)
+    try:
+        cfg: TrainConfig = OmegaConf.to_object(dict_cfg)  # type: ignore[assignment]
+        if dist_info.world_size > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() and cfg.trainer.device != Device.cpu else "gloo"
+            torch.distributed.init_process_group(backend)
+        train(cfg, run_dir, dist_info, hydra_cfg.job.num if sweeping else None)
+        return "finished"
+    except Exception as exc:  # noqa: BLE001 - every failure is recorded; a sweep goes on
+        if dist_info.is_main:
+            _record_failure(run_dir, exc)
+        config_error = isinstance(exc, (ConfigError, OmegaConfBaseException))
+        if config_error:
+            log.error("config error: %s", exc)
+        else:
+            log.error("run failed: %s: %s (details in %s)", type(exc).__name__, exc, run_dir / FAILED_NAME)
+        if sweeping:
+            return "failed"
+        sys.exit(EXIT_CONFIG_ERROR if config_error else EXIT_FAILED)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""Shared fixtures: the real CIFAR-10 sample, pinned thread counts, a tiny training config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_NPZ = REPO.parent / "shared" / "data" / "cifar10-sample" / "cifar10_sample.npz"
+
+torch.set_num_threads(int(os.environ.get("RESNET_REPRO_TEST_THREADS", "2")))
+
+
+@pytest.fixture(scope="session")
+def sample_npz() -> Path:
+    """The 6,102 genuine CIFAR-10 images (../shared/data/cifar10-sample); required in CI, skipped elsewhere."""
+    if not SAMPLE_NPZ.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs the CIFAR-10 sample at {SAMPLE_NPZ}")
+        pytest.skip(f"CIFAR-10 sample not found at {SAMPLE_NPZ}")
+    return SAMPLE_NPZ
