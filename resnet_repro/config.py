@@ -6,12 +6,13 @@ Every key is documented where it is declared, with units and the paper section i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
 from resnet_repro.errors import ConfigError
 
@@ -132,6 +133,25 @@ class TrainConfig:
 def register_configs() -> None:
     """Register the schema so `configs/train.yaml` can name it in its defaults list."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def to_train_config(cfg: DictConfig) -> TrainConfig:
+    """The composed config as a typed TrainConfig; keys the schema does not declare are an error (not dropped)."""
+    _reject_undeclared_keys(cfg, TrainConfig, "")
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def _reject_undeclared_keys(node: DictConfig, schema: type, prefix: str) -> None:
+    declared = {f.name: f for f in fields(schema)}
+    for key in node:
+        if key == "hydra":
+            continue
+        full = f"{prefix}{key}"
+        if key not in declared:
+            raise ConfigError(f"{full} is not a config key; valid keys here: {', '.join(sorted(declared))}")
+        section = declared[key].default_factory
+        if isinstance(section, type) and is_dataclass(section):
+            _reject_undeclared_keys(node[key], section, f"{full}.")
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from resnet_repro import faults
 from resnet_repro.checkpoint import CHECKPOINT_NAME, atomic_write_json, load_checkpoint, save_checkpoint
 from resnet_repro.data import DeviceData
 from resnet_repro.optim import Schedule, set_lr
@@ -108,6 +109,19 @@ def nonfinite_flag(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tens
     return ~(torch.isfinite(loss) & torch.isfinite(norms).all())
 
 
+def zero_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
+    """Create SGD's momentum buffers as zeros before the first step (results are bit-identical: 0.9*0 + g = g).
+
+    Fused SGD skips an update whose `found_inf` is set (our non-finite guard, or GradScaler's overflow check,
+    which routinely fires on fp16's first step) but, on the very first step, still stores the buffers it
+    allocated with `torch.empty_like`: uninitialised memory that every later step would then add in.
+    """
+    for group in optimizer.param_groups:
+        if group.get("momentum", 0) != 0:
+            for p in group["params"]:
+                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+
+
 class TrainStep:
     """One SGD iteration: forward, loss, backward, non-finite guard, update. Also what `make bench` times."""
 
@@ -116,6 +130,8 @@ class TrainStep:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self.guard_in_optimizer = getattr(optimizer, "_step_supports_amp_scaling", False) and self.scaler is None
+        if self.guard_in_optimizer or self.scaler is not None:
+            zero_momentum_buffers(optimizer)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run one iteration; returns device tensors (summed loss, number wrong, non-finite flag)."""
@@ -298,6 +314,7 @@ def fit(
         with StopSignal() as stop:
             while state.iteration < options.max_iter:
                 it = state.iteration
+                faults.check("step", it)
                 if options.fail_at_iter is not None and it == options.fail_at_iter:
                     raise RuntimeError(f"fault injected at iteration {it} (fail_at_iter)")
                 lr = schedule.lr(it)

@@ -22,7 +22,16 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from resnet_repro.checkpoint import atomic_write_json, config_fingerprint, remove_stale_temp_files
-from resnet_repro.config import DataSource, Device, Precision, TrainConfig, register_configs, validate, warmup_enabled
+from resnet_repro.config import (
+    DataSource,
+    Device,
+    Precision,
+    TrainConfig,
+    register_configs,
+    to_train_config,
+    validate,
+    warmup_enabled,
+)
 from resnet_repro.data import DeviceData, load_cifar10, load_npz, split_validation
 from resnet_repro.engine import FAILED_NAME, METRICS_NAME, DistInfo, LoopOptions, fit, write_metrics
 from resnet_repro.errors import ConfigError
@@ -35,6 +44,9 @@ log = logging.getLogger("resnet_repro.train")
 
 EXIT_CONFIG_ERROR = 2
 EXIT_FAILED = 1
+# Absolute, so the console script and in-process calls find the configs too (a relative path would be resolved
+# against the package `resnet_repro` when the module is not run as __main__).
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 
 def run_name(override_dirname: str) -> str:
@@ -210,7 +222,7 @@ def _silence_other_ranks(dist_info: DistInfo) -> None:
                 root.removeHandler(handler)
 
 
-@hydra.main(config_path="../configs", config_name="train", version_base="1.3")
+@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(dict_cfg: DictConfig) -> str:
     """Run one job; returns 'finished', 'skipped' or 'failed'. In a sweep a failure never raises."""
     hydra_cfg = HydraConfig.get()
@@ -224,7 +236,7 @@ def main(dict_cfg: DictConfig) -> str:
     if dist_info.is_main:
         (run_dir / FAILED_NAME).unlink(missing_ok=True)
     try:
-        cfg: TrainConfig = OmegaConf.to_object(dict_cfg)  # type: ignore[assignment]
+        cfg = to_train_config(dict_cfg)
         if dist_info.world_size > 1 and not torch.distributed.is_initialized():
             backend = "nccl" if torch.cuda.is_available() and cfg.trainer.device != Device.cpu else "gloo"
             torch.distributed.init_process_group(backend)
