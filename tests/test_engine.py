@@ -54,7 +54,7 @@ def test_short_run_writes_the_documented_run_directory(sample_npz, tmp_path):
     assert on_disk["config"]["model"]["depth"] == 8 and on_disk["data"]["n_val"] == 500
     assert len(on_disk["layer_response_std"]) == 7  # 6n+1 3x3 layers for depth 8
     scalars = read_scalars(tmp_path)
-    assert EVENT_TAGS <= set(scalars)
+    assert set(scalars) >= EVENT_TAGS
     assert [s for s, _ in scalars["train/err"]] == [4, 8, 12]
     assert [s for s, _ in scalars["test/err"]] == [6, 12]
     assert scalars["test/err"][-1][1] == pytest.approx(on_disk["final_test_err"])
