@@ -49,7 +49,7 @@ plot: $(STAMP) ## redraw Figure 6/7 and Table 6 from finished runs (RUNS=runs/<e
 	$(PY) -m resnet_repro.plot $(or $(RUNS),runs) --out $(or $(OUT),results/latest)
 
 bench: $(STAMP) ## throughput benchmark: typical reproduction vs our runner, side by side -> results/bench/
-	$(PY) scripts/bench.py
+	$(PY) scripts/bench.py $(BENCH_ARGS)
 
 tensorboard: $(STAMP) ## TensorBoard over all runs
 	$(VENV)/bin/tensorboard --logdir runs

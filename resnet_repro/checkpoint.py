@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "last.pt"
 FORMAT_VERSION = 1
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read the process umask once: mkstemp's files are 0600, the files we publish get the usual mode
 # What a resumed run must restore exactly; `state_digest` hashes these (plus the iteration), never the timings.
 DIGEST_KEYS = ("model", "optimizer", "scaler", "warmup", "rng")
 REQUIRED_KEYS = ("config_fingerprint", "model", "optimizer", "rng", "run_state")
@@ -87,6 +89,7 @@ def atomic_write_bytes(path: Path, write, fault_point: str | None = None, iterat
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -132,6 +135,18 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, lambda f: torch.save(state, f), fault_point="checkpoint", iteration=iteration)
 
 
+def _load_error_reason(exc: Exception) -> str:
+    """torch.load's error in one line, without its advice to retry with weights_only=False (never for our files)."""
+    text = " ".join(str(exc).split())
+    if "central directory" in text:
+        return "truncated or corrupt (its zip archive has no central directory)"
+    if text.startswith("Weights only load failed"):
+        detail = text.split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in text else text
+        detail = detail.split(" Check the documentation")[0].split("trusted source.")[-1].strip()
+        return f"not a checkpoint of plain tensors (torch.load with weights_only=True refused it: {detail[:160]})"
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
 def load_checkpoint(path: Path, fingerprint: str, model: torch.nn.Module) -> dict[str, Any]:
     """Load and check a checkpoint for this run; any problem raises ConfigError naming the file and the fix."""
     fix = f"to start this run over, delete {path} (or the whole run directory {path.parent.parent})"
@@ -141,9 +156,8 @@ def load_checkpoint(path: Path, fingerprint: str, model: torch.nn.Module) -> dic
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated or foreign files
-        raise ConfigError(
-            f"checkpoint {path} ({size} bytes) cannot be read: {type(exc).__name__}: {exc}; {fix}"
-        ) from None
+        reason = _load_error_reason(exc)
+        raise ConfigError(f"checkpoint {path} ({size} bytes) cannot be read: {reason}; {fix}") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise ConfigError(f"checkpoint {path} is not a resnet_repro checkpoint (format {FORMAT_VERSION}); {fix}")
     missing = [key for key in REQUIRED_KEYS if key not in state]

@@ -189,10 +189,8 @@ class StopSignal:
 
     def __enter__(self) -> StopSignal:
         for sig in self.SIGNALS:
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
                 self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -366,20 +364,32 @@ def fit(
                     _evaluate_all(model, data, options, state, scalars)
                     interval_start = time.perf_counter()
                 state.elapsed_s = time.perf_counter() - run_start
-                if state.iteration % options.checkpoint_every == 0 or done or stop.received is not None:
+                stopping = _should_stop(stop, state.iteration, options, device, dist_info)
+                if state.iteration % options.checkpoint_every == 0 or done or stopping:
                     _check_finite(acc, device, dist_info, ckpt_path)
                     checkpoint()
                     scalars.flush()
                     interval_start = time.perf_counter()
-                if stop.received is not None and not done:
+                if stopping and not done:
+                    name = signal.Signals(stop.received).name if stop.received is not None else "stop (another rank)"
                     raise Preempted(
-                        f"signal {signal.Signals(stop.received).name} received; checkpoint written at iteration "
-                        f"{state.iteration}; rerun the same command to resume"
+                        f"{name} received; checkpoint written at iteration {state.iteration} to {ckpt_path}; "
+                        "rerun the same command to resume"
                     )
     finally:
         progress.close()
         scalars.close()
     return _final_metrics(plain_model, data, options, state, run_info)
+
+
+def _should_stop(stop: StopSignal, iteration: int, options: LoopOptions, device, dist_info: DistInfo) -> bool:
+    """Stop at this step boundary? One process: as soon as a signal arrived. DDP: every rank must agree (the
+    checkpoint has a barrier), so the flag is all-reduced at log intervals, where the loop syncs anyway."""
+    if True:
+        return stop.received is not None
+    if iteration % options.log_every != 0:
+        return False
+    return _all_reduce(float(stop.received is not None), device, dist_info, "max") > 0
 
 
 def _check_finite(acc: Accumulators, device: torch.device, dist_info: DistInfo, ckpt_path: Path) -> None:

@@ -33,17 +33,19 @@ from resnet_repro.config import (
     warmup_enabled,
 )
 from resnet_repro.data import DeviceData, load_cifar10, load_npz, split_validation
-from resnet_repro.engine import FAILED_NAME, METRICS_NAME, DistInfo, LoopOptions, fit, write_metrics
+from resnet_repro.engine import FAILED_NAME, METRICS_NAME, DistInfo, LoopOptions, Preempted, fit, write_metrics
 from resnet_repro.errors import ConfigError
 from resnet_repro.models import build_model, count_parameters
 from resnet_repro.models.ghost_bn import use_ghost_batch_norm
 from resnet_repro.optim import Schedule, Warmup, make_sgd
+from resnet_repro.sweep import local_jobs
 from resnet_repro.tracking import environment_info, now_iso
 
 log = logging.getLogger("resnet_repro.train")
 
-EXIT_CONFIG_ERROR = 2
+EXIT_CONFIG_ERROR = 2  # the command line or config is wrong (Hydra's own rejections too, via `cli`); nothing ran
 EXIT_FAILED = 1
+EXIT_PREEMPTED = 3  # SIGTERM/SIGUSR1: checkpoint written; rerun the same command to resume
 # Absolute, so the console script and in-process calls find the configs too (a relative path would be resolved
 # against the package `resnet_repro` when the module is not run as __main__).
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -54,9 +56,25 @@ def run_name(override_dirname: str) -> str:
     return override_dirname.replace("/", "_") or "default"
 
 
+def hydra_subdir(output_dir: str) -> str | None:
+    """`hydra.output_subdir`: `.hydra`, or None (Hydra saves nothing) for a finished run, which stays untouched."""
+    return None if (Path(output_dir) / METRICS_NAME).exists() else ".hydra"
+
+
+def run_log(output_dir: str) -> str:
+    """The job's log file: `train.log` in the run directory, or os.devnull for a finished run (skipped)."""
+    return os.devnull if (Path(output_dir) / METRICS_NAME).exists() else str(Path(output_dir) / "train.log")
+
+
 register_configs()
-if not OmegaConf.has_resolver("run_name"):
-    OmegaConf.register_new_resolver("run_name", run_name)
+for _name, _resolver in (
+    ("run_name", run_name),
+    ("hydra_subdir", hydra_subdir),
+    ("run_log", run_log),
+    ("local_jobs", local_jobs),  # n_jobs of configs/hydra/launcher/local.yaml
+):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _resolver)
 
 
 def distributed_info() -> DistInfo:
@@ -110,7 +128,8 @@ def train(cfg: TrainConfig, run_dir: Path, dist_info: DistInfo, job_num: int | N
         env["threads"],
         env["git_sha"],
     )
-    remove_stale_temp_files(run_dir / "checkpoints")
+    for directory in (run_dir, run_dir / "checkpoints"):  # temp files of atomic writes killed halfway
+        remove_stale_temp_files(directory)
 
     arrays = load_data(cfg)
     train_arrays, val_arrays = split_validation(arrays, cfg.data.val_split, cfg.seed)
@@ -225,6 +244,8 @@ def _silence_other_ranks(dist_info: DistInfo) -> None:
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(dict_cfg: DictConfig) -> str:
     """Run one job; returns 'finished', 'skipped' or 'failed'. In a sweep a failure never raises."""
+    global _job_started
+    _job_started = True
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
@@ -237,11 +258,15 @@ def main(dict_cfg: DictConfig) -> str:
         (run_dir / FAILED_NAME).unlink(missing_ok=True)
     try:
         cfg = to_train_config(dict_cfg)
+        validate(cfg, world_size=dist_info.world_size)  # before init_process_group, which would wait for peers
         if dist_info.world_size > 1 and not torch.distributed.is_initialized():
             backend = "nccl" if torch.cuda.is_available() and cfg.trainer.device != Device.cpu else "gloo"
             torch.distributed.init_process_group(backend)
         train(cfg, run_dir, dist_info, hydra_cfg.job.num if sweeping else None)
         return "finished"
+    except Preempted as exc:  # not a failure: the whole process (a basic-launcher sweep too) stops to be requeued
+        log.warning("preempted: %s", exc)
+        sys.exit(EXIT_PREEMPTED)
     except Exception as exc:  # noqa: BLE001 - every failure is recorded; a sweep goes on
         if dist_info.is_main:
             _record_failure(run_dir, exc)
@@ -258,5 +283,20 @@ def main(dict_cfg: DictConfig) -> str:
             torch.distributed.destroy_process_group()
 
 
+_job_started = False  # set when Hydra hands `main` a composed config
+
+
+def cli() -> None:
+    """`main`, except that a command line Hydra itself rejects (unknown key, wrong type) exits 2 like our checks."""
+    global _job_started
+    _job_started = False
+    try:
+        main()
+    except SystemExit as exc:
+        if exc.code == 1 and not _job_started:
+            raise SystemExit(EXIT_CONFIG_ERROR) from None
+        raise
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -1,0 +1,253 @@
+"""`make reproduce`: download CIFAR-10, run every experiment of a profile as a Hydra multirun, draw the results.
+
+    python -m resnet_repro.reproduce --profile paper                      # GPU box: the paper's experiments
+    python -m resnet_repro.reproduce --profile quick --data FILE.npz --label "..."   # CPU: shortened schedule
+    python -m resnet_repro.reproduce --profile paper --launcher slurm hydra.launcher.partition=gpu
+    python -m resnet_repro.reproduce --profile quick --dry-run            # print the commands only
+
+Steps: `python -m resnet_repro.download` (skipped with --data), then per experiment
+`python -m resnet_repro.train -m experiment=X ...`, then `python -m resnet_repro.plot RUN_DIRS --out
+results/<data slug>/<profile>`. Rerunning the same command skips finished runs and resumes interrupted ones. A failed
+experiment is reported and the others still run; the exit status is 1 when anything failed.
+
+The plot step gets exactly this invocation's runs (read from each sweep's sweep_summary.json), not everything under
+runs/. Several experiments train the same configuration (e.g. ResNet-20 seed 0 is in fig6_resnet, table6, shortcuts
+and fig7); such copies are drawn once (the first experiment's), so a table never counts one seed twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Paper experiments, longest last (ResNet-1202) so every other result is there early.
+PROFILES: dict[str, tuple[str, ...]] = {
+    "paper": ("fig6_plain", "fig6_resnet", "table6", "shortcuts", "fig7", "fig7_110", "fig6_deep"),
+    "quick": ("quick",),
+}
+TITLE_SUFFIX = {
+    "paper": "",
+    "quick": " — quick profile: SHORTENED schedule (configs/experiment/quick.yaml), not the 64k iterations of the paper",
+}
+LAUNCHERS = ("basic", "local", "slurm", "submitit_local", "submitit_slurm", "joblib")
+SUMMARY_JSON = "sweep_summary.json"  # written by resnet_repro.sweep.SweepSummary
+# Config keys that do not change what a run computes; two finished runs equal in everything else are one run.
+NON_RECIPE_KEYS = ("experiment", "runs_dir", "trainer", "responses", "fail_at_iter")
+
+
+@dataclass
+class Step:
+    """One command of the reproduction and what became of it."""
+
+    name: str
+    cmd: list[str]
+    experiment: str | None = None
+    status: str = "pending"  # pending | ok | failed | dry-run
+    rc: int | None = None
+    wall_s: float | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    run_dirs: list[str] = field(default_factory=list)
+    note: str = ""
+
+
+def slugify(text: str) -> str:
+    """Directory name for a data label: 'CIFAR-10 sample (5,085 train / 1,017 test)' -> 'cifar-10-sample-5085-...'."""
+    text = re.sub(r"(?<=\d),(?=\d)", "", text.lower())
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-") or "data"
+
+
+def hydra_quote(value: str) -> str:
+    """A Hydra override value that stays one string whatever it contains (commas, spaces, parentheses, quotes)."""
+    if '"' not in value:
+        return f'"{value}"'
+    if "'" not in value:
+        return f"'{value}'"
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def experiment_dir_name(experiment: str) -> str:
+    """The `experiment:` value an experiment file sets (its runs go to runs_dir/<that>)."""
+    text = (CONFIG_DIR / "experiment" / f"{experiment}.yaml").read_text()
+    match = re.search(r"^experiment:\s*(\S+)\s*$", text, flags=re.MULTILINE)
+    return match.group(1) if match else experiment
+
+
+def train_command(experiment: str, args: argparse.Namespace) -> list[str]:
+    """The multirun command of one experiment."""
+    cmd = [sys.executable, "-m", "resnet_repro.train", "-m", f"experiment={experiment}", f"runs_dir={args.runs_dir}"]
+    if args.data:
+        cmd += ["data=npz", f"data.path={Path(args.data).resolve()}"]
+    else:
+        cmd += [f"data.root={Path(args.data_root).resolve()}"]
+    if args.label:
+        cmd.append(f"data.label={hydra_quote(args.label)}")
+    if args.launcher:
+        cmd.append(f"hydra/launcher={args.launcher}")
+    return cmd + list(args.overrides)
+
+
+def results_dir(args: argparse.Namespace) -> Path:
+    """results/<slug of the data label>/<profile>."""
+    label = args.label or (Path(args.data).stem if args.data else "CIFAR-10")
+    return Path(args.results_dir) / slugify(label) / args.profile
+
+
+def recipe_fingerprint(metrics_path: Path) -> str | None:
+    """The run's resolved config without the keys that do not change the computation; None if unreadable."""
+    try:
+        config = dict(json.loads(metrics_path.read_text())["config"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    for key in NON_RECIPE_KEYS:
+        config.pop(key, None)
+    return json.dumps(config, sort_keys=True)
+
+
+def unique_runs(run_dirs: Sequence[str | Path]) -> tuple[list[Path], list[tuple[Path, Path]]]:
+    """Run directories with same-configuration copies dropped (first kept); returns (kept, [(dropped, kept as)])."""
+    kept: list[Path] = []
+    dropped: list[tuple[Path, Path]] = []
+    seen: dict[str, Path] = {}
+    for run_dir in map(Path, dict.fromkeys(map(str, run_dirs))):
+        fingerprint = recipe_fingerprint(run_dir / "metrics.json")
+        if fingerprint is not None and fingerprint in seen:
+            dropped.append((run_dir, seen[fingerprint]))
+            continue
+        if fingerprint is not None:
+            seen[fingerprint] = run_dir
+        kept.append(run_dir)
+    return kept, dropped
+
+
+def read_summary(sweep_dir: Path, pid: int) -> dict[str, Any] | None:
+    """The sweep summary written by the multirun with this process id, or None."""
+    try:
+        summary = json.loads((sweep_dir / SUMMARY_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if summary.get("pid") == pid else None
+
+
+def display(cmd: Sequence[str]) -> str:
+    """A command as one copy-pasteable line, with `python` for the interpreter."""
+    return shlex.join(["python", *cmd[1:]])
+
+
+def run_step(step: Step) -> int:
+    """Run a command with inherited stdout/stderr; return its exit status."""
+    print(f"\n=== {step.name}: {shlex.join(step.cmd)}", flush=True)
+    tic = time.perf_counter()
+    proc = subprocess.Popen(step.cmd)
+    step.rc = proc.wait()
+    step.wall_s = round(time.perf_counter() - tic, 1)
+    step.status = "ok" if step.rc == 0 else "failed"
+    return proc.pid
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Command-line arguments."""
+    parser = argparse.ArgumentParser(
+        prog="python -m resnet_repro.reproduce",
+        description=__doc__.split("\n\n")[0],
+        epilog="Extra arguments are Hydra overrides given to every training command, e.g. trainer.threads=1.",
+    )
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="paper",
+                        help="paper: every paper experiment (GPU); quick: the shortened CPU comparison")
+    parser.add_argument("--data", help="an npz file (x_train, y_train, x_test, y_test) instead of downloading CIFAR-10")
+    parser.add_argument("--label", help="data label shown in figures and tables, also names results/<slug>/")
+    parser.add_argument("--launcher", choices=LAUNCHERS,
+                        help="Hydra launcher: local (all GPUs, joblib), slurm, submitit_local; default: one at a time")
+    parser.add_argument("--runs-dir", default="runs", help="root of the run directories (default runs)")
+    parser.add_argument("--results-dir", default="results", help="root of the figures and tables (default results)")
+    parser.add_argument("--data-root", default="./data", help="CIFAR-10 download directory (default ./data)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every training command")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the profile's steps; print a summary; exit 1 if any step failed, 2 if the data could not be had."""
+    args = parse_args(argv)
+    experiments = PROFILES[args.profile]
+    out = results_dir(args)
+    steps: list[Step] = []
+    if not args.data:
+        steps.append(Step("download", [sys.executable, "-m", "resnet_repro.download", "--root", args.data_root]))
+    steps += [Step(f"experiment {e}", train_command(e, args), experiment=e) for e in experiments]
+    plot_cmd = [sys.executable, "-m", "resnet_repro.plot"]
+    suffix = TITLE_SUFFIX[args.profile]
+    plot_tail = ["--out", str(out)] + (["--title-suffix", suffix] if suffix else [])
+
+    if args.dry_run:
+        for step in steps:
+            print(shlex.join(step.cmd))
+        sweep_dirs = dict.fromkeys(str(Path(args.runs_dir) / experiment_dir_name(e)) for e in experiments)
+        print(shlex.join(plot_cmd + ["<run dirs of the sweeps above>"] + plot_tail))
+        print(f"# <run dirs of the sweeps above>: from {', '.join(f'{d}/{SUMMARY_JSON}' for d in sweep_dirs)}, "
+              "one per configuration")
+        return 0
+
+    started = time.time()
+    for i, step in enumerate(steps):
+        step.name = f"[{i + 1}/{len(steps) + 1}] {step.name}"
+        pid = run_step(step)
+        if step.experiment is None:  # the download
+            if step.rc != 0:
+                print(f"\nreproduce: the download failed (exit {step.rc}); nothing else was run. Check the network, "
+                      "or pass --data FILE.npz.", file=sys.stderr)
+                return 2
+            continue
+        summary = read_summary(Path(args.runs_dir) / experiment_dir_name(step.experiment), pid)
+        if summary is None:
+            step.note = "no sweep summary (the multirun stopped before its end)"
+            step.status = "failed"
+            continue
+        step.counts = summary["counts"]
+        step.run_dirs = [r["dir"] for r in summary["runs"] if r["status"] in ("finished", "skipped", "failed")]
+
+    run_dirs, dropped = unique_runs([d for s in steps for d in s.run_dirs])
+    for copy, original in dropped:
+        print(f"reproduce: {copy} trains the same configuration as {original}; drawn once", flush=True)
+    plot = Step(f"[{len(steps) + 1}/{len(steps) + 1}] plot", plot_cmd + [str(d) for d in run_dirs] + plot_tail)
+    if run_dirs:
+        run_step(plot)
+    else:
+        plot.status, plot.note = "failed", "no run directories to draw"
+    steps.append(plot)
+
+    failed = [s for s in steps if s.status != "ok"]
+    print(f"\n=== reproduce --profile {args.profile}: {len(steps) - len(failed)} of {len(steps)} steps ok "
+          f"in {time.time() - started:.0f} s; results in {out}")
+    for s in steps:
+        counts = ", ".join(f"{n} {k}" for k, n in s.counts.items() if n)
+        print(f"  {s.status:<7} {s.name}  {s.wall_s or 0:.0f} s  {counts}  {s.note}".rstrip())
+    record = {
+        "command": shlex.join(["python", "-m", "resnet_repro.reproduce", *(sys.argv[1:] if argv is None else argv)]),
+        "profile": args.profile,
+        "data": args.data or f"CIFAR-10 (torchvision download into {args.data_root})",
+        "label": args.label,
+        "launcher": args.launcher or "basic",
+        "wall_s": round(time.time() - started, 1),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "steps": [
+            {**{k: v for k, v in vars(s).items() if k not in ("run_dirs", "cmd")}, "cmd": display(s.cmd)} for s in steps
+        ],
+        "runs_drawn": [str(d) for d in run_dirs],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "reproduce.json").write_text(json.dumps(record, indent=2) + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

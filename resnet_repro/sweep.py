@@ -1,0 +1,210 @@
+"""Sweep bookkeeping: which run directories a multirun will use, and what happened to each of them.
+
+`SweepSummary` is a Hydra callback (registered in configs/train.yaml under `hydra.callbacks`). At the start of a
+multirun it lists the sweep's run directories (the sweeper's parameters from the experiment file combined with the
+command line, exactly as Hydra's basic sweeper combines them) and notes which are already finished. At the end it
+prints one line per run, appends the same text to `<sweep dir>/sweeps.log`, writes `<sweep dir>/sweep_summary.json`
+and exits with status 4 (EXIT_SWEEP_FAILED) when a run failed or is incomplete, after every other run finished:
+
+- finished: metrics.json was written during this sweep;
+- skipped: metrics.json existed before the sweep started (train.py does not train it again);
+- failed: failed.json was written during this sweep (its error line is shown);
+- incomplete: neither (killed, never started, or its job crashed); rerunning the same command resumes it.
+
+`local_jobs` is the OmegaConf resolver behind configs/hydra/launcher/local.yaml's `n_jobs`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from resnet_repro.checkpoint import atomic_write_json
+from resnet_repro.engine import FAILED_NAME, METRICS_NAME
+from resnet_repro.tracking import now_iso
+
+SUMMARY_JSON = "sweep_summary.json"
+SUMMARY_LOG = "sweeps.log"
+STATUSES = ("finished", "skipped", "failed", "incomplete")
+EXIT_SWEEP_FAILED = 4  # the multirun ended with failed or incomplete runs (train.py: 1 failed, 2 config, 3 preempted)
+
+
+def local_jobs(runs_per_gpu: int | str = 1) -> int:
+    """Concurrent jobs for the local launcher: visible GPUs x `runs_per_gpu`, or 1 on a machine without a GPU."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return gpus * max(1, int(runs_per_gpu)) if gpus else 1
+
+
+@dataclass
+class PlannedRun:
+    """One job of a sweep: its overrides (as the launcher gets them) and its run directory."""
+
+    overrides: list[str]
+    name: str
+    dir: Path
+
+
+def _file_state(path: Path) -> tuple[int, int] | None:
+    """(mtime_ns, size) of a file, or None when it does not exist; compared, never read as a clock."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def planned_runs(config: DictConfig) -> list[PlannedRun]:
+    """The run directories of the multirun described by `config` (the composed multirun config, hydra node included).
+
+    Combines `hydra.sweeper.params` with `hydra.overrides.task` as BasicSweeper does (a command-line value replaces
+    the experiment file's value of the same key), names each job with Hydra's own override_dirname rule and
+    resolves `hydra.sweep.dir`/`hydra.sweep.subdir` for it.
+    """
+    from hydra._internal.config_loader_impl import get_overrides_dirname
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    hc = config.hydra
+    params = [f"{key}={value}" for key, value in (hc.sweeper.get("params") or {}).items()]
+    parser = OverridesParser.create()
+    jobs = BasicSweeper.split_arguments(parser.parse_overrides(params + list(hc.overrides.task)), None)[0]
+    naming = hc.job.config.override_dirname
+    saved = HydraConfig.instance().cfg
+    runs = []
+    try:
+        for num, job in enumerate(jobs):
+            name = get_overrides_dirname(
+                parser.parse_overrides(job),
+                exclude_keys=list(naming.exclude_keys),
+                item_sep=naming.item_sep,
+                kv_sep=naming.kv_sep,
+            )
+            job_cfg = copy.deepcopy(config)
+            OmegaConf.set_readonly(job_cfg.hydra, False)
+            with open_dict(job_cfg.hydra):
+                job_cfg.hydra.job.override_dirname = name
+                job_cfg.hydra.job.num = num
+            HydraConfig.instance().set_config(job_cfg)
+            run_dir = Path(str(job_cfg.hydra.sweep.dir)) / str(job_cfg.hydra.sweep.subdir)
+            runs.append(PlannedRun(list(job), run_dir.name, run_dir))
+    finally:
+        HydraConfig.instance().cfg = saved
+    return runs
+
+
+def run_status(run: PlannedRun, before: dict[str, Any]) -> dict[str, Any]:
+    """Status of one planned run now, given what its directory held before the sweep (see the module docstring)."""
+    metrics, failed = run.dir / METRICS_NAME, run.dir / FAILED_NAME
+    row: dict[str, Any] = {"name": run.name, "dir": str(run.dir), "overrides": run.overrides, "error": None}
+    if metrics.is_file():
+        row["status"] = "skipped" if before["metrics"] else "finished"
+        try:
+            m = json.loads(metrics.read_text())
+            row.update(test_err=m.get("final_test_err"), train_err=m.get("final_train_err"))
+        except (OSError, ValueError):
+            pass
+        return row
+    failed_now = _file_state(failed)
+    if failed_now is not None:
+        try:
+            error = json.loads(failed.read_text()).get("error", "unknown error")
+        except (OSError, ValueError):
+            error = "unreadable failed.json"
+        if failed_now != before["failed"]:
+            row.update(status="failed", error=error)
+        else:
+            row.update(status="incomplete", error=f"not run by this sweep; an earlier attempt failed: {error}")
+        return row
+    row["status"] = "incomplete"
+    return row
+
+
+def format_summary(sweep_dir: str, rows: list[dict[str, Any]]) -> str:
+    """The printed summary: a header with counts and one line per run."""
+    counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
+    lines = [f"Sweep summary for {sweep_dir}: {len(rows)} runs, " + ", ".join(f"{n} {s}" for s, n in counts.items())]
+    width = max((len(r["name"]) for r in rows), default=0)
+    for r in rows:
+        if r["status"] in ("finished", "skipped") and r.get("test_err") is not None:
+            detail = f"test err {r['test_err']:.2f}%  train err {r['train_err']:.2f}%"
+            if r["status"] == "skipped":
+                detail += "  (metrics.json existed before this sweep)"
+        elif r["status"] == "failed":
+            detail = r["error"]
+        elif r["status"] == "incomplete":
+            detail = r["error"] or "no metrics.json or failed.json; rerun the same command to resume it"
+        else:
+            detail = ""
+        lines.append(f"  {r['status']:<10}  {r['name']:<{width}}  {detail}".rstrip())
+    if counts["failed"] or counts["incomplete"]:
+        lines.append("Rerun the same command: failed runs are retried, incomplete ones resumed, finished ones skipped.")
+    return "\n".join(lines)
+
+
+class SweepSummary(Callback):
+    """Hydra callback: note finished runs when a multirun starts; print, log and save a summary when it ends."""
+
+    def __init__(self, exit_on_failure: bool = True) -> None:
+        self.exit_on_failure = exit_on_failure
+        self.runs: list[PlannedRun] | None = None
+        self.before: dict[Path, dict[str, Any]] = {}
+        self.started = now_iso()
+        self.plan_error: str | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Plan the run directories and record which already hold metrics.json / failed.json."""
+        self.started = now_iso()
+        try:
+            self.runs = planned_runs(config)
+        except Exception as exc:  # noqa: BLE001 - a summary must never stop a sweep
+            self.runs, self.plan_error = None, f"{type(exc).__name__}: {exc}"
+            return
+        self.before = {
+            r.dir: {"metrics": (r.dir / METRICS_NAME).is_file(), "failed": _file_state(r.dir / FAILED_NAME)}
+            for r in self.runs
+        }
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Print the summary, append it to sweeps.log, write sweep_summary.json; exit 4 if a run did not finish."""
+        sweep_dir = str(config.hydra.sweep.dir)
+        if self.runs is None:
+            print(f"Sweep summary for {sweep_dir} unavailable (could not plan the runs: {self.plan_error})")
+            return
+        rows = [run_status(r, self.before[r.dir]) for r in self.runs]
+        text = format_summary(sweep_dir, rows)
+        print(text, flush=True)
+        ended = now_iso()
+        summary = {
+            "sweep_dir": sweep_dir,
+            "command_overrides": list(config.hydra.overrides.task),
+            "started": self.started,
+            "ended": ended,
+            "pid": os.getpid(),
+            "counts": {s: sum(r["status"] == s for r in rows) for s in STATUSES},
+            "runs": rows,
+        }
+        try:
+            Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+            atomic_write_json(Path(sweep_dir) / SUMMARY_JSON, summary)
+            with open(Path(sweep_dir) / SUMMARY_LOG, "a") as f:
+                f.write(f"[{ended}] overrides: {' '.join(summary['command_overrides'])}\n{text}\n\n")
+        except OSError as exc:
+            print(f"warning: could not write the sweep summary into {sweep_dir}: {exc}", file=sys.stderr)
+        if self.exit_on_failure and (summary["counts"]["failed"] or summary["counts"]["incomplete"]):
+            sys.exit(EXIT_SWEEP_FAILED)
+
+
+def as_dicts(runs: list[PlannedRun]) -> list[dict[str, Any]]:
+    """Planned runs as plain dicts (for printing and tests)."""
+    return [{**asdict(r), "dir": str(r.dir)} for r in runs]

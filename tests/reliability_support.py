@@ -1,0 +1,187 @@
+"""Helpers for the reliability tests (issue 7): tiny data, one canonical run, CLI/in-process/forked launches.
+
+Costs on a 2-core CPU: a `python -m resnet_repro.train` subprocess pays ~5 s of imports before its first step,
+so most runs here are in-process (`train()` with the config Hydra composes from the same overrides) or in a
+forked child of the test process (real SIGKILL, no import cost); a few cases go through the real CLI.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from conftest import REPO
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import resnet_repro.train  # noqa: F401  (registers the schema and resolvers)
+from resnet_repro.checkpoint import CHECKPOINT_NAME
+from resnet_repro.config import TrainConfig
+from resnet_repro.engine import DistInfo
+from resnet_repro.train import train
+
+CONFIGS = str(REPO / "configs")
+N_TRAIN, N_TEST, BATCH = 120, 40, 8  # 15 iterations per epoch: epochs start at iterations 0, 15, 30, 45
+ITERS_PER_EPOCH = N_TRAIN // BATCH
+THREADS = 1  # every run here, in-process or not: same thread count, same floating-point reductions
+
+# The canonical resumable run: ResNet-20, 60 iterations = 4 epochs, checkpoints every 10 iterations, an lr
+# milestone at 45 and the paper's warm-up (short window, so it ends around iteration 20 and its state matters).
+RESUME_OVERRIDES = [
+    "data.batch_size=8", "optim.max_iter=60", "optim.milestones=[45]", "optim.warmup=true",
+    "optim.warmup_window=5", "optim.warmup_max_iter=25", "trainer.log_every=5", "trainer.eval_every=30",
+    "trainer.checkpoint_every=10",
+]
+COMMON = ["trainer.device=cpu", f"trainer.threads={THREADS}", "trainer.progress=false", "responses=false"]
+
+
+def make_tiny_npz(sample_npz: Path, path: Path, n_train: int = N_TRAIN, n_test: int = N_TEST) -> Path:
+    """The first images of the real CIFAR-10 sample, in the npz format data=npz reads."""
+    with np.load(sample_npz) as z:
+        np.savez(path, x_train=z["x_train"][:n_train], y_train=z["y_train"][:n_train],
+                 x_test=z["x_test"][:n_test], y_test=z["y_test"][:n_test])
+    return path
+
+
+def data_overrides(npz: Path) -> list[str]:
+    """Data and machine overrides shared by every run here."""
+    return ["data=npz", f"data.path={npz}", *COMMON]
+
+
+def compose_config(overrides: list[str]) -> TrainConfig:
+    """The TrainConfig `python -m resnet_repro.train OVERRIDES` would run (same files, same schema)."""
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def train_in_process(cfg: TrainConfig, run_dir: Path) -> dict:
+    """`train()` in this process, restoring the test session's thread count afterwards."""
+    threads = torch.get_num_threads()
+    try:
+        return train(cfg, run_dir, DistInfo())
+    finally:
+        torch.set_num_threads(threads)
+
+
+def checkpoint_path(run_dir: Path) -> Path:
+    """run_dir/checkpoints/last.pt"""
+    return run_dir / "checkpoints" / CHECKPOINT_NAME
+
+
+def checkpoint_iteration(run_dir: Path) -> int:
+    """The iteration stored in run_dir's last.pt."""
+    state = torch.load(checkpoint_path(run_dir), map_location="cpu", weights_only=True)
+    return state["run_state"]["iteration"]
+
+
+def temp_files(directory: Path) -> list[Path]:
+    """Temp files of atomic writes (`.<name>.<random>.tmp`) in `directory`."""
+    return sorted(directory.glob(".*.tmp")) if directory.is_dir() else []
+
+
+def cli_env(fault: str | None = None) -> dict[str, str]:
+    """Environment for a CLI subprocess: pinned threads, an optional RESNET_REPRO_FAULT, no inherited fault."""
+    dropped = ("RESNET_REPRO_FAULT", "WORLD_SIZE", "RANK", "HYDRA_FULL_ERROR")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
+    env.update(OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
+    if fault:
+        env["RESNET_REPRO_FAULT"] = fault
+    return env
+
+
+def cli_command(args: list[str]) -> list[str]:
+    """`python -m resnet_repro.train ARGS` with this interpreter."""
+    return [sys.executable, "-m", "resnet_repro.train", *args]
+
+
+def run_cli(args: list[str], fault: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the real command line to completion (or death); stdout and stderr merged into `.stdout`."""
+    return subprocess.run(cli_command(args), cwd=REPO, env=cli_env(fault), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+def run_forked(fn: Callable[[], object], timeout: float = 300) -> int:
+    """Run `fn()` in a forked child (torch already imported: no start-up cost) and return its exit code,
+    negative for a signal (-9 = SIGKILL), like subprocess. The child sets one thread before doing any work."""
+    if torch.cuda.is_initialized():  # a forked child cannot use CUDA; the tests here are CPU-only anyway
+        raise RuntimeError("run_forked needs a process that has not initialised CUDA")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        code = 0
+        try:
+            torch.set_num_threads(THREADS)
+            fn()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:  # noqa: BLE001
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise TimeoutError(f"forked child {pid} still running after {timeout} s")
+        time.sleep(0.02)
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every file under `root` -> (mtime_ns, size, content): to prove a directory was left untouched."""
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size, p.read_bytes())
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+_REFERENCE: dict[str, object] = {}
+
+
+def reference_run(tmp_path_factory, sample_npz: Path) -> dict[str, object]:
+    """The uninterrupted canonical run (once per session): its digest, config, npz and a copy of every checkpoint.
+
+    Returns {"npz", "overrides" (CLI, without the run dir), "cfg", "run_dir", "digest", "snapshots" (iteration ->
+    path of the checkpoint written then)}.
+    """
+    if not _REFERENCE:
+        import resnet_repro.engine as engine
+        from resnet_repro.checkpoint import state_digest
+
+        root = tmp_path_factory.mktemp("reference")
+        npz = make_tiny_npz(sample_npz, root / "tiny.npz")
+        overrides = [*data_overrides(npz), *RESUME_OVERRIDES]
+        cfg = compose_config(overrides)
+        run_dir, snapshots_dir = root / "run", root / "snapshots"
+        snapshots_dir.mkdir()
+        snapshots: dict[int, Path] = {}
+        original = engine.save_checkpoint
+
+        def save_and_copy(path: Path, state: dict) -> None:
+            original(path, state)
+            iteration = state["run_state"]["iteration"]
+            snapshots[iteration] = Path(shutil.copy(path, snapshots_dir / f"last-{iteration}.pt"))
+
+        engine.save_checkpoint = save_and_copy
+        try:
+            train_in_process(cfg, run_dir)
+        finally:
+            engine.save_checkpoint = original
+        _REFERENCE.update(npz=npz, overrides=overrides, cfg=cfg, run_dir=run_dir,
+                          digest=state_digest(checkpoint_path(run_dir)), snapshots=snapshots)
+    return _REFERENCE

@@ -1,0 +1,187 @@
+"""`make bench` end to end on CPU with tiny windows: files, columns, interleaving; plus its small helpers.
+
+No timing is asserted anywhere: the benchmark is the measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from resnet_repro.benchmark import (
+    HOW_TO_SET_K,
+    Row,
+    parse_arch,
+    plan_variants,
+    recommend_k,
+    suite_projection,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TABLE_COLUMNS = ("arch", "config", "ms/iter", "img/s", "64k projected", "one-time", "speedup vs baseline", "peak mem")
+ROW_KEYS = (
+    "arch",
+    "config",
+    "status",
+    "ms_per_iter",
+    "windows_ms",
+    "img_per_s",
+    "projected_64k_s",
+    "one_time_s",
+    "speedup",
+    "peak_mem_mb",
+)
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory) -> tuple[dict, str, list[str]]:
+    """Run scripts/bench.py once on CPU (ResNet-8, batch 16, 2 rounds of 2 iterations, K = 1, 2)."""
+    out = tmp_path_factory.mktemp("bench")
+    args = [
+        "--device",
+        "cpu",
+        "--arches",
+        "resnet-8",
+        "--batch-size",
+        "16",
+        "--iters",
+        "2",
+        "--windows",
+        "2",
+        "--warmup",
+        "1",
+        "--num-images",
+        "64",
+        "--workers",
+        "1",
+        "--ks",
+        "1,2",
+        "--k-iters",
+        "2",
+        "--k-num-images",
+        "32",
+        "--ckpt-repeats",
+        "2",
+        "--ckpt-dir",
+        str(out / "ckpt"),
+        "--out",
+        str(out),
+        "--tag",
+        "test",
+    ]
+    env = dict(os.environ, RESNET_REPRO_TEST_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "bench-test.json").read_text())
+    return report, (out / "bench-test.md").read_text(), args
+
+
+def test_cli_writes_markdown_and_json_with_every_column(bench_run) -> None:
+    report, md, args = bench_run
+    for column in TABLE_COLUMNS:
+        assert column in md
+    meta = report["meta"]
+    for key in ("device", "device_name", "torch", "cuda", "cudnn", "git_sha", "date", "command"):
+        assert key in meta
+    assert meta["command"].startswith("python scripts/bench.py") and "--arches resnet-8" in meta["command"]
+    rows = {r["config"]: r for r in report["rows"]}
+    assert list(rows) == ["baseline", "ours-1", "ours-2", "ours-3", "ours-4", "ours-5"]
+    for key in ("baseline", "ours-1", "ours-3"):
+        assert rows[key]["status"] == "ok", rows[key]["note"]
+        for field in ROW_KEYS:
+            assert field in rows[key]
+        assert len(rows[key]["windows_ms"]) == 2 and rows[key]["ms_per_iter"] > 0
+        assert rows[key]["projected_64k_s"] == pytest.approx(rows[key]["ms_per_iter"] * 64)
+        assert rows[key]["img_per_s"] == pytest.approx(16_000 / rows[key]["ms_per_iter"])
+    assert rows["baseline"]["speedup"] == pytest.approx(1.0)
+    assert rows["ours-2"]["status"] in ("ok", "skipped")  # bf16 on CPU runs unless absurdly slow
+    assert rows["ours-4"]["status"] == "skipped" and "compile-on-cpu" in rows["ours-4"]["note"]
+    assert rows["ours-5"]["status"] == "skipped" and "CUDA" in rows["ours-5"]["note"]
+    assert "ResNet-8" in md and "skipped" in md
+
+
+def test_baseline_and_ours_are_interleaved(bench_run) -> None:
+    """Each round times every running config once, baseline first; rounds follow each other."""
+    report, _, _ = bench_run
+    order = report["order"]
+    assert [o["seq"] for o in order] == list(range(len(order)))
+    running = [r["config"] for r in report["rows"] if r["status"] == "ok"]
+    assert len(running) >= 3
+    assert [o["config"] for o in order] == running * 2
+    assert [o["round"] for o in order] == [0] * len(running) + [1] * len(running)
+    for row in report["rows"]:
+        if row["status"] == "ok":
+            assert row["windows_ms"] == [o["ms_per_iter"] for o in order if o["config"] == row["config"]]
+
+
+def test_checkpoint_overhead_and_several_processes_reported(bench_run) -> None:
+    report, md, _ = bench_run
+    (ck,) = report["checkpoint"]
+    assert ck["file_bytes"] > 0 and ck["interval_iters"] == 2000 and 0 < ck["overhead_pct"] < 100
+    assert len(ck["write_ms_all"]) == 2
+    assert "Checkpoint overhead" in md
+    conc = report["concurrency"]
+    assert [r["k"] for r in conc["results"]] == [1, 2]
+    for r in conc["results"]:
+        assert r["status"] == "ok", r.get("note")
+        assert r["total_images"] == r["k"] * 2 * 16 and r["img_per_s"] > 0
+        assert len(r["per_process_img_per_s"]) == r["k"]
+    assert conc["recommendation"]["k"] is None and "GPU" in conc["recommendation"]["why"]
+    assert "n_jobs" in md and "Several models per device" in md
+    assert not any(Path(report["settings"]["ckpt_dir"]).rglob("*.pt"))  # the timed checkpoints are removed
+
+
+def test_plan_on_cpu_skips_cuda_only_rows() -> None:
+    plan = {p.variant.key: p for p in plan_variants(torch.device("cpu"), compile_on_cpu=False)}
+    assert plan["baseline"].variant.pipeline == "baseline" and plan["baseline"].variant.sgd == "default"
+    assert plan["ours-1"].variant.sgd == "foreach" and plan["ours-1"].variant.precision == "fp32"
+    assert plan["ours-2"].variant.precision == "bf16" and not plan["ours-2"].variant.channels_last
+    assert plan["ours-3"].variant.sgd == "fused"
+    assert plan["ours-4"].skip and plan["ours-5"].skip
+    forced = {p.variant.key: p for p in plan_variants(torch.device("cpu"), compile_on_cpu=True)}
+    assert forced["ours-4"].skip is None and forced["ours-4"].variant.compile
+    cuda = {p.variant.key: p for p in plan_variants(torch.device("cuda"), compile_on_cpu=False)}
+    assert all(p.skip is None for p in cuda.values())
+    assert cuda["ours-2"].variant.channels_last and cuda["ours-5"].variant.graphs and cuda["ours-5"].variant.compile
+
+
+def test_arch_parsing() -> None:
+    assert parse_arch("resnet-110") == ("resnet", 110)
+    assert parse_arch("plain110") == ("plain", 110)
+    with pytest.raises(SystemExit):
+        parse_arch("resnet_x")
+
+
+def test_k_recommendation_only_from_a_gpu() -> None:
+    results = [
+        {"arch": "ResNet-20", "k": k, "status": "ok", "img_per_s": v}
+        for k, v in [(1, 100), (2, 170), (4, 195), (8, 200)]
+    ]
+    assert recommend_k(results, torch.device("cpu"))["k"] is None
+    assert recommend_k(results, torch.device("cuda"))["k"] == 4  # 195 >= 0.9 * 200 > 170
+    assert "n_jobs" in HOW_TO_SET_K
+
+
+def test_suite_projection_interpolates_in_depth() -> None:
+    rows = []
+    for depth, ms in [(20, 1.0), (110, 4.0)]:
+        row = Row(f"ResNet-{depth}", "ours-3", "", "")
+        row.status, row.ms_per_iter = "ok", ms
+        rows.append(row)
+    suite = suite_projection(rows, [], {"k": None})
+    per_layer = 3.0 / 90
+    expected_ms = sum(1.0 + per_layer * (d - 20) for d in (20, 32, 44, 56, 20, 32, 44, 56, 110))
+    assert suite["sequential_s"] == pytest.approx(expected_ms * 64)

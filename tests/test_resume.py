@@ -1,0 +1,162 @@
+"""Exact resume after kill -9 (issue 7.1) and sweep safety after a killed sweep (issue 7.7).
+
+The canonical run (tests/reliability_support.py): ResNet-20, batch 8 on 120 real CIFAR-10 images, so an epoch
+is 15 iterations; 60 iterations; checkpoints every 10; lr milestone at 45; the paper's warm-up (ends near
+iteration 20). Its final state digest (model + BN buffers, optimizer, warm-up, RNG, iteration) is compared with
+runs killed with SIGKILL and restarted: SIGKILL runs nothing after it (no `finally`, no cleanup), exactly as
+a preempted or OOM-killed job.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+from reliability_support import (
+    BATCH,
+    ITERS_PER_EPOCH,
+    N_TRAIN,
+    checkpoint_iteration,
+    checkpoint_path,
+    compose_config,
+    data_overrides,
+    make_tiny_npz,
+    reference_run,
+    run_cli,
+    run_forked,
+    temp_files,
+    train_in_process,
+    tree_snapshot,
+)
+
+from resnet_repro import faults
+from resnet_repro.checkpoint import state_digest
+from resnet_repro.optim import Warmup
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, sample_npz):
+    return reference_run(tmp_path_factory, sample_npz)
+
+
+def test_the_canonical_run_has_the_shape_the_kill_points_assume(reference):
+    assert N_TRAIN % BATCH == 0 and ITERS_PER_EPOCH == 15  # epochs start exactly at iterations 15, 30, 45
+    assert sorted(reference["snapshots"]) == [10, 20, 30, 40, 50, 60]
+    warmup = torch.load(reference["snapshots"][60], weights_only=True)["warmup"]
+    assert warmup["active"] is False and 10 < warmup["ended_at"] <= 25  # the warm-up ended, and mid-run
+
+
+def test_kill9_mid_epoch_mid_checkpoint_and_at_epoch_boundary_then_resume_is_bit_exact(reference, tmp_path):
+    """Three SIGKILLs in one run directory, each followed by a restart of the same run, end bit-identical."""
+    run_dir = tmp_path / "run"
+    cli_args = [*reference["overrides"], f"hydra.run.dir={run_dir}"]
+    cfg = reference["cfg"]
+
+    def restart_with(fault: str):
+        def go():
+            with faults.inject(fault):
+                train_in_process(copy.deepcopy(cfg), run_dir)
+        return go
+
+    # 1. Mid-epoch: killed before iteration 17 (epoch 1 runs 15..29); the last checkpoint is 10.
+    assert run_forked(restart_with("step@17")) == -9
+    assert checkpoint_iteration(run_dir) == 10 and not (run_dir / "metrics.json").exists()
+
+    # 2. While a checkpoint is written, through the real command line: resumes at 10, killed after the data of
+    #    checkpoint 40 is written and fsynced but before the rename. last.pt is still the whole checkpoint 30.
+    proc = run_cli(cli_args, fault="checkpoint:before_rename@40")
+    assert proc.returncode == -9, proc.stdout[-3000:]
+    assert "resumed from" in proc.stdout and "at iteration 10" in proc.stdout
+    assert checkpoint_iteration(run_dir) == 30 and 30 % ITERS_PER_EPOCH == 0  # an epoch boundary
+    assert len(temp_files(run_dir / "checkpoints")) == 1  # the orphaned, complete-but-unrenamed checkpoint 40
+
+    # 3. Exactly at an epoch boundary: resumes at 30 (epoch 2 starts there), killed before iteration 45 (epoch 3
+    #    starts there), so iterations 40..44 are replayed from checkpoint 40 on the next start.
+    assert run_forked(restart_with("step@45")) == -9
+    assert checkpoint_iteration(run_dir) == 40 and 45 % ITERS_PER_EPOCH == 0
+    assert temp_files(run_dir / "checkpoints") == []  # the start cleaned the stale temp file
+
+    # 4. The same run once more, uninterrupted, to the end.
+    metrics = train_in_process(copy.deepcopy(cfg), run_dir)
+    assert metrics["iterations"] == 60 and (run_dir / "metrics.json").exists()
+    assert state_digest(checkpoint_path(run_dir)) == reference["digest"]
+    assert temp_files(run_dir / "checkpoints") == []
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [None, "momentum", "warmup", "iteration"],
+    ids=["correct-resume", "drops-momentum", "drops-warmup-state", "restarts-data-stream"],
+)
+def test_resume_negative_controls(reference, tmp_path, monkeypatch, broken):
+    """Resuming from the reference's checkpoint 40 reproduces its digest, and each lossy resume does not.
+
+    The controls show the comparison can fail: a resume that drops the momentum buffers, the warm-up state (so
+    the warm-up starts again at lr 0.01) or the position in the data stream ends with a different digest.
+    """
+    run_dir = tmp_path / "run"
+    checkpoint_path(run_dir).parent.mkdir(parents=True)
+    shutil.copy(reference["snapshots"][40], checkpoint_path(run_dir))
+    if broken == "momentum":
+        load = torch.optim.Optimizer.load_state_dict
+        monkeypatch.setattr(torch.optim.SGD, "load_state_dict", lambda self, sd: load(self, {**sd, "state": {}}))
+    elif broken == "warmup":
+        monkeypatch.setattr(Warmup, "load_state_dict", lambda self, sd: None)
+    elif broken == "iteration":
+        import resnet_repro.engine as engine
+
+        train_batch = engine.DeviceData.train_batch
+        monkeypatch.setattr(engine.DeviceData, "train_batch", lambda self, it, *a: train_batch(self, it - 40, *a))
+    train_in_process(copy.deepcopy(reference["cfg"]), run_dir)
+    digest = state_digest(checkpoint_path(run_dir))
+    if broken is None:
+        assert digest == reference["digest"]
+    else:
+        assert digest != reference["digest"]
+
+
+def test_killed_sweep_relaunched_leaves_finished_runs_untouched_and_resumes_the_killed_one(sample_npz, tmp_path):
+    """A 3-run sweep (basic launcher) SIGKILLed in its 2nd run, relaunched with the same command.
+
+    Runs differ in optim.max_iter (20, 40, 30), so one fault `step@25` kills only the 2nd run. After the relaunch
+    the finished 1st run has the same files with the same bytes and mtimes, the 2nd resumed from its checkpoint
+    and ends bit-identical to an uninterrupted run, and the 3rd ran.
+    """
+    npz = make_tiny_npz(sample_npz, tmp_path / "tiny.npz")
+    runs = tmp_path / "runs"
+    sweep = [*data_overrides(npz), "data.batch_size=8", "model.depth=8", "optim.milestones=[15]",
+             "trainer.log_every=5", "trainer.eval_every=100", "trainer.checkpoint_every=10", f"runs_dir={runs}"]
+    argv = ["-m", "optim.max_iter=20,40,30", *sweep]
+
+    def first_launch():
+        import sys
+
+        from resnet_repro.train import cli
+
+        sys.argv = ["resnet_repro.train", *argv]
+        with faults.inject("step@25"):
+            cli()
+
+    assert run_forked(first_launch) == -9
+    run_dirs = {it: next(runs.glob(f"default/*optim.max_iter={it},*")) for it in (20, 40)}
+    assert not list(runs.glob("default/*optim.max_iter=30,*"))  # never started
+    assert (run_dirs[20] / "metrics.json").exists() and not (run_dirs[40] / "metrics.json").exists()
+    assert checkpoint_iteration(run_dirs[40]) == 20
+    finished_before = tree_snapshot(run_dirs[20])
+
+    proc = run_cli(argv)  # the same command, now for real
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert tree_snapshot(run_dirs[20]) == finished_before  # same files, same bytes, same mtimes
+    assert "resumed from" in proc.stdout and "at iteration 20" in proc.stdout
+    run_dirs[30] = next(runs.glob("default/*optim.max_iter=30,*"))
+    for it, run_dir in run_dirs.items():
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["status"] == "finished" and metrics["iterations"] == it
+        assert not (run_dir / "failed.json").exists() and temp_files(run_dir / "checkpoints") == []
+
+    uninterrupted = tmp_path / "uninterrupted"
+    train_in_process(compose_config([*sweep, "optim.max_iter=40"]), uninterrupted)
+    assert state_digest(checkpoint_path(run_dirs[40])) == state_digest(checkpoint_path(uninterrupted))
