@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 PROFILE ?= paper
 DATA ?=
 LAUNCHER ?=
+LABEL ?=
 SAMPLE := ../shared/data/cifar10-sample/cifar10_sample.npz
 
 .DEFAULT_GOAL := help
@@ -14,7 +15,7 @@ SAMPLE := ../shared/data/cifar10-sample/cifar10_sample.npz
 
 help: ## list every target with one line each
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
-	@echo "  variables: PROFILE=paper|quick  DATA=path/to/file.npz (default: CIFAR-10 download)  LAUNCHER=joblib|slurm|..."
+	@echo "  variables: PROFILE=paper|quick  DATA=path/to/file.npz (default: CIFAR-10 download)  LABEL='data label'  LAUNCHER=local|slurm|submitit_local"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,14 +37,15 @@ test-all: $(STAMP) ## the default suite plus slow tests
 lint: $(STAMP) ## ruff lint
 	$(VENV)/bin/ruff check .
 
-smoke: $(STAMP) ## one tiny ResNet-20 run on the CIFAR-10 sample (CPU, about a minute)
+smoke: $(STAMP) ## one tiny ResNet-20 run on the CIFAR-10 sample (CPU, about a minute; trains afresh each time)
+	rm -rf runs/smoke
 	$(PY) -m resnet_repro.train experiment=smoke data=npz data.path=$(SAMPLE)
 
 download: $(STAMP) ## download CIFAR-10 into ./data with torchvision
 	$(PY) -m resnet_repro.download --root ./data
 
 reproduce: $(STAMP) ## download -> every experiment -> plots (PROFILE=quick DATA=file.npz for the CPU version)
-	$(PY) -m resnet_repro.reproduce --profile $(PROFILE) $(if $(DATA),--data $(DATA)) $(if $(LAUNCHER),--launcher $(LAUNCHER))
+	$(PY) -m resnet_repro.reproduce --profile $(PROFILE) $(if $(DATA),--data $(DATA)) $(if $(LABEL),--label "$(LABEL)") $(if $(LAUNCHER),--launcher $(LAUNCHER))
 
 plot: $(STAMP) ## redraw Figure 6/7 and Table 6 from finished runs (RUNS=runs/<experiment> OUT=results/<dir>)
 	$(PY) -m resnet_repro.plot $(or $(RUNS),runs) --out $(or $(OUT),results/latest)

@@ -469,6 +469,7 @@ class Row:
     status: str = "ok"  # ok | skipped | failed
     note: str = ""
     windows_ms: list[float] = field(default_factory=list)
+    windows_cpu_share: list[float] = field(default_factory=list)  # process CPU time / (wall x threads), CPU only
     ms_per_iter: float | None = None
     img_per_s: float | None = None
     projected_64k_s: float | None = None
@@ -517,20 +518,28 @@ def measure_arch(
         if p.skip:
             row.status, row.note = "skipped", p.skip
             continue
-        try:
-            t0 = time.perf_counter()
-            if v.pipeline == "baseline":
-                runner = BaselineRunner(arch, depth, arrays, device, args.batch_size, args.workers)
-            else:
-                runner = OursRunner(arch, depth, v, shared, args.batch_size)
-            _set_cudnn(runner)
-            runner.prepare(args.warmup)
-            sync(device)
-            warm_wall[v.key] = time.perf_counter() - t0
-            row.one_time_note = runner.one_time_note
-        except Exception as exc:  # noqa: BLE001 - a config that cannot run is reported, the others go on
-            log.exception("%s %s failed to start", name, v.key)
-            row.status, row.note = "failed", f"{type(exc).__name__}: {exc}"[:300]
+        attempts = [v] + ([replace(v, compile=False)] if v.graphs and v.compile else [])
+        runner = None
+        for attempt in attempts:
+            try:
+                t0 = time.perf_counter()
+                if attempt.pipeline == "baseline":
+                    runner = BaselineRunner(arch, depth, arrays, device, args.batch_size, args.workers)
+                else:
+                    runner = OursRunner(arch, depth, attempt, shared, args.batch_size)
+                _set_cudnn(runner)
+                runner.prepare(args.warmup)
+                sync(device)
+                warm_wall[v.key] = time.perf_counter() - t0
+                row.one_time_note, row.settings = runner.one_time_note, attempt.settings()
+                break
+            except Exception as exc:  # noqa: BLE001 - a config that cannot run is reported, the others go on
+                log.exception("%s %s (%s) failed to start", name, v.key, attempt.settings())
+                runner = None
+                failure = f"{attempt.settings()}: {type(exc).__name__}: {exc}"[:300]
+                row.note = (row.note + "; " if row.note else "") + failure
+        if runner is None:
+            row.status = "failed"
             continue
         if device.type == "cpu" and v.key == "ours-2" and "ours-1" in runners:
             # Is bf16 usable on this CPU at all? Compare one timed iteration of each after warm-up.
@@ -554,7 +563,7 @@ def measure_arch(
                 base = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
             try:
-                ms = _time_window(runner, args.iters, device)
+                ms, share = _time_window_share(runner, args.iters, device)
             except Exception as exc:  # noqa: BLE001
                 log.exception("%s %s failed", name, row.config)
                 row.status, row.note = "failed", f"{type(exc).__name__}: {exc}"[:300]
@@ -567,6 +576,8 @@ def measure_arch(
                 peak = (extra + runner.resident_bytes()) / 2**20
                 row.peak_mem_mb = max(row.peak_mem_mb or 0.0, peak)
             row.windows_ms.append(ms)
+            if device.type == "cpu":
+                row.windows_cpu_share.append(round(share, 3))
             order.append({"seq": len(order), "arch": name, "config": row.config, "round": rnd, "ms_per_iter": ms})
             log.info("%s round %d %-8s %8.2f ms/iter", name, rnd, row.config, ms)
     baseline_ms = None
@@ -576,7 +587,10 @@ def measure_arch(
             if row.config == "baseline":
                 baseline_ms = row.ms_per_iter
         if device.type == "cuda":
-            row.peak_mem_note = "max_memory_allocated in a window - allocated before + own weights/grads/state/data"
+            row.peak_mem_note = (
+                "max_memory_allocated in a window - allocated before + own weights/grads/state/data; "
+                "CUDA-graph rows: the capture's peak"
+            )
         else:
             row.peak_mem_note = "n/a on CPU (process-wide ru_maxrss cannot be split between interleaved configs)"
     for row in rows:
@@ -591,11 +605,18 @@ def measure_arch(
 
 
 def _time_window(runner, iters: int, device: torch.device) -> float:
+    """ms/iter of `iters` iterations, device synchronised at both ends."""
+    return _time_window_share(runner, iters, device)[0]
+
+
+def _time_window_share(runner, iters: int, device: torch.device) -> tuple[float, float]:
+    """(ms/iter, share of the CPU this process got: process CPU time / (wall time x torch threads))."""
     sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     runner.run(iters)
     sync(device)
-    return 1000.0 * (time.perf_counter() - t0) / iters
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return 1000.0 * wall / iters, cpu / (wall * torch.get_num_threads())
 
 
 def measure_checkpoint(runner: OursRunner, row: Row, root: Path, repeats: int) -> dict[str, Any]:
@@ -836,10 +857,19 @@ def _fmt(v: float | None, spec: str = ".3g") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _fmt_ms(ms: float | None) -> str:
+    """Milliseconds with about three significant digits, no exponent."""
+    if ms is None:
+        return "-"
+    return f"{ms:,.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 10 else f"{ms:.3g}"
+
+
 def _fmt_s(seconds: float | None) -> str:
     if seconds is None:
         return "-"
-    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def write_markdown(report: dict[str, Any], path: Path) -> None:
@@ -871,14 +901,24 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         if r["status"] != "ok":
             lines.append(f"| {r['arch']} | {r['label']} | {r['settings']} | {r['status']}: {r['note']} | | | | | | |")
             continue
-        windows = "/".join(f"{w:.3g}" for w in r["windows_ms"])
+        windows = " / ".join(_fmt_ms(w) for w in r["windows_ms"])
         one = f"{_fmt_s(r['one_time_s'])} ({r['one_time_note']})" if r["one_time_s"] is not None else "-"
         lines.append(
-            f"| {r['arch']} | {r['label']} | {r['settings']} | {_fmt(r['ms_per_iter'])} | {windows} | "
+            f"| {r['arch']} | {r['label']} | {r['settings']}{' (' + r['note'] + ')' if r['note'] else ''} | "
+            f"{_fmt_ms(r['ms_per_iter'])} | {windows} | "
             f"{_fmt(r['img_per_s'], ',.0f')} | {_fmt_s(r['projected_64k_s'])} | {one} | "
             f"{_fmt(r['speedup'], '.2f')}x | {_fmt(r['peak_mem_mb'], '.0f') if r['peak_mem_mb'] else 'n/a'} |"
         )
     lines += ["", f"Peak memory: {report['rows'][0]['peak_mem_note'] if report['rows'] else ''}.", ""]
+    shares = [x for r in report["rows"] for x in r.get("windows_cpu_share", [])]
+    if shares:
+        lines += [
+            f"CPU share of the timed windows (process CPU time / (wall x {m['threads']} threads); 1.0 = this process "
+            f"had its threads running the whole time, lower = the machine was shared or threads waited): median "
+            f"{statistics.median(shares):.2f}, min {min(shares):.2f}, max {max(shares):.2f}; per window in the JSON "
+            "(`windows_cpu_share`). The baseline's DataLoader worker runs in another process and is not counted.",
+            "",
+        ]
     ck = report.get("checkpoint") or []
     if ck:
         lines += [
@@ -895,7 +935,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         for c in ck:
             lines.append(
                 f"| {c['arch']} | {c['file_bytes'] / 2**20:.1f} MiB | {c['write_ms']:.1f} | {c['interval_iters']} it | "
-                f"{c['ms_per_iter']:.3g} ({c['config']}) | {_fmt_s(c['interval_s'])} | {c['overhead_pct']:.3f}% | "
+                f"{_fmt_ms(c['ms_per_iter'])} ({c['config']}) | {_fmt_s(c['interval_s'])} | {c['overhead_pct']:.3f}% | "
                 f"{c['per_64k_run_s']:.2f} s |"
             )
         lines.append("")
@@ -1110,7 +1150,7 @@ def main(argv: list[str] | None = None) -> int:
             "recommendation": rec,
             "how_to_set_k": HOW_TO_SET_K,
         },
-        "figure6_suite": suite_projection(rows, conc_results, rec),
+        "figure6_suite": suite_projection(rows, conc_results, rec) if device.type == "cuda" else None,
         "profiles": profiles,
     }
     json_path, md_path = out_dir / f"bench-{tag}.json", out_dir / f"bench-{tag}.md"

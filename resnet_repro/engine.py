@@ -385,7 +385,7 @@ def fit(
 def _should_stop(stop: StopSignal, iteration: int, options: LoopOptions, device, dist_info: DistInfo) -> bool:
     """Stop at this step boundary? One process: as soon as a signal arrived. DDP: every rank must agree (the
     checkpoint has a barrier), so the flag is all-reduced at log intervals, where the loop syncs anyway."""
-    if True:
+    if dist_info.world_size == 1:
         return stop.received is not None
     if iteration % options.log_every != 0:
         return False

@@ -21,6 +21,7 @@ import argparse
 import json
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -37,10 +38,11 @@ PROFILES: dict[str, tuple[str, ...]] = {
 }
 TITLE_SUFFIX = {
     "paper": "",
-    "quick": " — quick profile: SHORTENED schedule (configs/experiment/quick.yaml), not the 64k iterations of the paper",
+    "quick": " — quick profile: SHORTENED schedule (configs/experiment/quick.yaml), not the 64k-iteration recipe",
 }
 LAUNCHERS = ("basic", "local", "slurm", "submitit_local", "submitit_slurm", "joblib")
 SUMMARY_JSON = "sweep_summary.json"  # written by resnet_repro.sweep.SweepSummary
+EXIT_STOPPED = 3  # SIGTERM: passed on to the running sweep, which checkpoints; rerun to resume (as train.py)
 # Config keys that do not change what a run computes; two finished runs equal in everything else are one run.
 NON_RECIPE_KEYS = ("experiment", "runs_dir", "trainer", "responses", "fail_at_iter")
 
@@ -143,14 +145,30 @@ def display(cmd: Sequence[str]) -> str:
     return shlex.join(["python", *cmd[1:]])
 
 
+class Stopped(Exception):
+    """SIGTERM reached reproduce; it was passed on to the running command, which checkpoints and exits."""
+
+
 def run_step(step: Step) -> int:
-    """Run a command with inherited stdout/stderr; return its exit status."""
+    """Run a command with inherited stdout/stderr (SIGTERM is passed on to it); return its process id."""
     print(f"\n=== {step.name}: {shlex.join(step.cmd)}", flush=True)
     tic = time.perf_counter()
     proc = subprocess.Popen(step.cmd)
-    step.rc = proc.wait()
+    stopped: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        stopped.append(signum)
+        proc.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        step.rc = proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     step.wall_s = round(time.perf_counter() - tic, 1)
     step.status = "ok" if step.rc == 0 else "failed"
+    if stopped:
+        raise Stopped(f"{step.name} was stopped by SIGTERM (exit {step.rc}); rerun the same command to resume")
     return proc.pid
 
 
@@ -197,6 +215,22 @@ def main(argv: Sequence[str] | None = None) -> int:
               "one per configuration")
         return 0
 
+    try:
+        return run_all(args, steps, plot_cmd, plot_tail, out, argv)
+    except Stopped as exc:
+        print(f"\nreproduce: {exc}", file=sys.stderr)
+        return EXIT_STOPPED
+
+
+def run_all(
+    args: argparse.Namespace,
+    steps: list[Step],
+    plot_cmd: list[str],
+    plot_tail: list[str],
+    out: Path,
+    argv: Sequence[str] | None,
+) -> int:
+    """Run download, experiments and plot; print the summary and write reproduce.json; return the exit status."""
     started = time.time()
     for i, step in enumerate(steps):
         step.name = f"[{i + 1}/{len(steps) + 1}] {step.name}"

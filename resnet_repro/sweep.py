@@ -20,7 +20,7 @@ import copy
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -204,7 +204,3 @@ class SweepSummary(Callback):
         if self.exit_on_failure and (summary["counts"]["failed"] or summary["counts"]["incomplete"]):
             sys.exit(EXIT_SWEEP_FAILED)
 
-
-def as_dicts(runs: list[PlannedRun]) -> list[dict[str, Any]]:
-    """Planned runs as plain dicts (for printing and tests)."""
-    return [{**asdict(r), "dir": str(r.dir)} for r in runs]

@@ -67,8 +67,9 @@ class ScalarLog:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step drops events a killed run logged after its last checkpoint, so curves never double.
-            self.writer = SummaryWriter(str(run_dir), purge_step=start_iteration or None)
+            # purge_step drops events a killed run logged after its last checkpoint, so curves never double; the
+            # checkpoint's own iteration was logged before it was written and is not logged again: keep it (+1).
+            self.writer = SummaryWriter(str(run_dir), purge_step=start_iteration + 1 if start_iteration else None)
 
     def add(self, iteration: int, scalars: dict[str, float]) -> None:
         """Write each tag -> value at `iteration`."""

@@ -185,3 +185,21 @@ def reference_run(tmp_path_factory, sample_npz: Path) -> dict[str, object]:
         _REFERENCE.update(npz=npz, overrides=overrides, cfg=cfg, run_dir=run_dir,
                           digest=state_digest(checkpoint_path(run_dir)), snapshots=snapshots)
     return _REFERENCE
+
+
+def curves(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """The run's TensorBoard curves as the plots read them (results.read_curves: all event files, later ones
+    purging what a killed run logged after its last checkpoint), minus the timing tag that never repeats."""
+    from resnet_repro.results import read_curves
+
+    return {tag: (steps.tolist(), values.tolist()) for tag, (steps, values) in read_curves(run_dir).items()
+            if tag != "perf/img_per_s"}
+
+
+def after_the_last_event_file(run_dir: Path) -> None:
+    """Wait until the wall-clock second is later than the newest event file's: TensorBoard orders event files by
+    name (start time in whole seconds, then host and pid), so a restart within the same second could sort first.
+    Real restarts take seconds; forked ones here do not."""
+    stamps = [int(p.name.split(".")[3]) for p in run_dir.glob("events.out.tfevents.*")]
+    while stamps and time.time() < max(stamps) + 1:
+        time.sleep(0.05)

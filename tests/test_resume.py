@@ -19,9 +19,11 @@ from reliability_support import (
     BATCH,
     ITERS_PER_EPOCH,
     N_TRAIN,
+    after_the_last_event_file,
     checkpoint_iteration,
     checkpoint_path,
     compose_config,
+    curves,
     data_overrides,
     make_tiny_npz,
     reference_run,
@@ -57,6 +59,7 @@ def test_kill9_mid_epoch_mid_checkpoint_and_at_epoch_boundary_then_resume_is_bit
 
     def restart_with(fault: str):
         def go():
+            after_the_last_event_file(run_dir)
             with faults.inject(fault):
                 train_in_process(copy.deepcopy(cfg), run_dir)
         return go
@@ -80,10 +83,27 @@ def test_kill9_mid_epoch_mid_checkpoint_and_at_epoch_boundary_then_resume_is_bit
     assert temp_files(run_dir / "checkpoints") == []  # the start cleaned the stale temp file
 
     # 4. The same run once more, uninterrupted, to the end.
+    after_the_last_event_file(run_dir)
     metrics = train_in_process(copy.deepcopy(cfg), run_dir)
     assert metrics["iterations"] == 60 and (run_dir / "metrics.json").exists()
     assert state_digest(checkpoint_path(run_dir)) == reference["digest"]
     assert temp_files(run_dir / "checkpoints") == []
+    assert curves(run_dir) == curves(reference["run_dir"])  # Figure-6 curves: no doubled, lost or changed point
+    final = json.loads((reference["run_dir"] / "metrics.json").read_text())
+    assert (metrics["final_test_err"], metrics["final_train_loss"]) == (final["final_test_err"],
+                                                                        final["final_train_loss"])
+
+
+def test_killed_between_the_final_checkpoint_and_metrics_json(reference, tmp_path):
+    """The last checkpoint is in place but metrics.json is not: the rerun trains nothing and writes the same one."""
+    run_dir = tmp_path / "run"
+    checkpoint_path(run_dir).parent.mkdir(parents=True)
+    shutil.copy(reference["snapshots"][60], checkpoint_path(run_dir))
+    metrics = train_in_process(copy.deepcopy(reference["cfg"]), run_dir)
+    final = json.loads((reference["run_dir"] / "metrics.json").read_text())
+    same = ("iterations", "final_test_err", "final_test_loss", "final_train_err", "final_train_loss", "params")
+    assert {k: metrics[k] for k in same} == {k: final[k] for k in same}
+    assert state_digest(checkpoint_path(run_dir)) == reference["digest"]
 
 
 @pytest.mark.parametrize(
@@ -160,3 +180,4 @@ def test_killed_sweep_relaunched_leaves_finished_runs_untouched_and_resumes_the_
     uninterrupted = tmp_path / "uninterrupted"
     train_in_process(compose_config([*sweep, "optim.max_iter=40"]), uninterrupted)
     assert state_digest(checkpoint_path(run_dirs[40])) == state_digest(checkpoint_path(uninterrupted))
+    assert curves(run_dirs[40]) == curves(uninterrupted)

@@ -11,10 +11,12 @@ import sys
 import pytest
 from conftest import REPO
 from reliability_support import (
+    after_the_last_event_file,
     checkpoint_iteration,
     checkpoint_path,
     cli_command,
     cli_env,
+    curves,
     data_overrides,
     make_tiny_npz,
     reference_run,
@@ -41,8 +43,10 @@ def test_sigusr1_checkpoints_at_the_next_step_boundary_and_the_rerun_is_bit_exac
     assert "SIGUSR1" in message and "iteration 24" in message and "rerun the same command" in message
     assert checkpoint_iteration(run_dir) == 24  # not a checkpoint_every multiple: written because of the signal
     assert not (run_dir / "metrics.json").exists()
+    after_the_last_event_file(run_dir)
     train_in_process(copy.deepcopy(reference["cfg"]), run_dir)
     assert state_digest(checkpoint_path(run_dir)) == reference["digest"]
+    assert curves(run_dir) == curves(reference["run_dir"])  # incl. the log point at 25, half before the signal
 
 
 def test_sigterm_from_outside_through_the_command_line_then_rerun_is_bit_exact(reference, tmp_path):
@@ -65,8 +69,10 @@ def test_sigterm_from_outside_through_the_command_line_then_rerun_is_bit_exact(r
     stopped_at = checkpoint_iteration(run_dir)
     assert 15 <= stopped_at < 60 and not (run_dir / "metrics.json").exists()
     assert not (run_dir / "failed.json").exists()  # preemption is not a failure
+    after_the_last_event_file(run_dir)
     train_in_process(copy.deepcopy(reference["cfg"]), run_dir)  # the rerun
     assert state_digest(checkpoint_path(run_dir)) == reference["digest"]
+    assert curves(run_dir) == curves(reference["run_dir"])
 
 
 def test_sigterm_stops_a_whole_basic_launcher_sweep_not_just_its_current_run(sample_npz, tmp_path):

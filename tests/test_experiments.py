@@ -1,0 +1,177 @@
+"""Every experiment composes, keeps the paper's recipe, and its sweep expands to exactly the expected runs.
+
+Expansion is checked twice: `resnet_repro.sweep.planned_runs` (what the sweep summary and `make reproduce` rely on)
+must list the same jobs and directory names as Hydra itself composes for each job (`load_sweep_config`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from itertools import product
+from pathlib import Path
+
+import pytest
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+import resnet_repro.train  # noqa: F401 - registers the schema and the resolvers, as `python -m` does
+from resnet_repro import sweep
+from resnet_repro.train import run_name
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+PAPER = ("fig6_plain", "fig6_resnet", "fig6_deep", "table6", "shortcuts", "fig7", "fig7_110")
+A = "A"
+
+# experiment -> (its output directory under runs_dir, {(arch, depth, shortcut, seed)} of its runs)
+EXPECTED: dict[str, tuple[str, set[tuple[str, int, str, int]]]] = {
+    "fig6_plain": ("fig6_plain", {("plain", d, A, 0) for d in (20, 32, 44, 56)}),
+    "fig6_resnet": ("fig6_resnet", {("resnet", d, A, 0) for d in (20, 32, 44, 56, 110)}),
+    "fig6_deep": ("fig6_deep", {("resnet", 110, A, 0), ("resnet", 1202, A, 0)}),
+    "table6": ("table6", {("resnet", d, A, s) for d, s in product((20, 32, 44, 56, 110), range(5))}),
+    "shortcuts": ("shortcuts", {("resnet", d, s, 0) for d, s in product((20, 32, 44, 56), "ABC")}),
+    "fig7": ("fig7", {(a, d, A, 0) for a, d in product(("plain", "resnet"), (20, 56))}),
+    "fig7_110": ("fig7", {("resnet", 110, A, 0)}),
+    "quick": ("quick", {(a, d, A, 0) for a, d in product(("plain", "resnet"), (20, 56))}),
+    "smoke": ("smoke", {("resnet", 20, A, 0)}),
+}
+
+
+@pytest.fixture(scope="module")
+def loader() -> Iterator:
+    """Hydra's config loader over configs/, as `python -m resnet_repro.train` uses it."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        yield GlobalHydra.instance().config_loader()
+    GlobalHydra.instance().clear()
+
+
+def multirun_config(loader, overrides: list[str]) -> DictConfig:
+    """The config of `python -m resnet_repro.train -m OVERRIDES` before the sweeper splits it."""
+    return loader.load_configuration(config_name="train", overrides=overrides, run_mode=RunMode.MULTIRUN)
+
+
+_EXPANDED: dict[tuple[str, ...], list[tuple[sweep.PlannedRun, DictConfig]]] = {}
+
+
+def expand(loader, overrides: list[str]) -> list[tuple[sweep.PlannedRun, DictConfig]]:
+    """Each planned job with the job config Hydra composes for it; checks the planned directory against Hydra's."""
+    if tuple(overrides) not in _EXPANDED:
+        _EXPANDED[tuple(overrides)] = _expand(loader, overrides)
+    return _EXPANDED[tuple(overrides)]
+
+
+def _expand(loader, overrides: list[str]) -> list[tuple[sweep.PlannedRun, DictConfig]]:
+    master = multirun_config(loader, overrides)
+    jobs = []
+    for run in sweep.planned_runs(master):
+        job = loader.load_sweep_config(master, run.overrides)
+        assert run.name == run_name(job.hydra.job.override_dirname)
+        assert run.dir == Path(master.runs_dir) / job.experiment / run.name
+        jobs.append((run, job))
+    return jobs
+
+
+def enum_value(value) -> str:
+    """An Enum-typed config value as its plain string ('A', 'pixel_mean')."""
+    return getattr(value, "value", value)
+
+
+def key(job: DictConfig) -> tuple[str, int, str, int]:
+    """(arch, depth, shortcut, seed) of a composed job."""
+    return job.model.arch, job.model.depth, enum_value(job.model.shortcut), job.seed
+
+
+def test_every_experiment_file_is_listed() -> None:
+    assert set(EXPERIMENTS) == set(EXPECTED)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_expands_to_expected_runs(loader, experiment: str) -> None:
+    first_line = (CONFIG_DIR / "experiment" / f"{experiment}.yaml").read_text().splitlines()[0]
+    assert first_line == "# @package _global_"
+    jobs = expand(loader, [f"experiment={experiment}"])
+    out_dir, runs = EXPECTED[experiment]
+    assert sorted(key(job) for _, job in jobs) == sorted(runs)  # exactly these runs, each once
+    assert {job.experiment for _, job in jobs} == {out_dir}
+    assert len({run.dir for run, _ in jobs}) == len(jobs)  # one directory per run
+    for run, job in jobs:
+        assert run.dir.parent == Path("runs") / out_dir
+        assert run.name != "default" or len(jobs) == 1
+        task = OmegaConf.masked_copy(job, [k for k in job if k != "hydra"])
+        OmegaConf.to_object(task)  # validates against the schema (types, enums)
+
+
+@pytest.mark.parametrize("experiment", PAPER)
+def test_paper_experiments_keep_the_recipe(loader, experiment: str) -> None:
+    for _, job in expand(loader, [f"experiment={experiment}"]):
+        o, d = job.optim, job.data
+        assert (o.lr, o.momentum, o.weight_decay, o.gamma) == (0.1, 0.9, 1e-4, 0.1)
+        assert list(o.milestones) == [32000, 48000] and o.max_iter == 64000
+        assert o.warmup is None  # on exactly for depth >= 110 (config.warmup_enabled)
+        assert (d.batch_size, d.val_split, d.augment, enum_value(d.normalize)) == (128, 0, True, "pixel_mean")
+        assert job.model.bn_group == 0 and job.fail_at_iter is None
+
+
+def test_figure7_runs_compute_responses(loader) -> None:
+    for experiment in ("fig7", "fig7_110"):
+        assert all(job.responses for _, job in expand(loader, [f"experiment={experiment}"]))
+
+
+def test_figure7_experiments_share_a_directory_without_collisions(loader) -> None:
+    dirs = [run.dir for e in ("fig7", "fig7_110") for run, _ in expand(loader, [f"experiment={e}"])]
+    assert len(dirs) == len(set(dirs)) == 5
+
+
+def test_quick_is_a_shortened_schedule(loader) -> None:
+    assert "SHORTENED" in (CONFIG_DIR / "experiment" / "quick.yaml").read_text()
+    for _, job in expand(loader, ["experiment=quick"]):
+        o = job.optim
+        assert o.max_iter < 64000
+        assert list(o.milestones) == [o.max_iter // 2, o.max_iter * 3 // 4]
+        assert (o.lr, o.momentum, o.weight_decay, job.data.batch_size) == (0.1, 0.9, 1e-4, 128)
+        assert o.max_iter % job.trainer.eval_every == 0 and o.max_iter % job.trainer.log_every == 0
+
+
+def test_command_line_sweep_replaces_the_experiment_values(loader) -> None:
+    overrides = ["experiment=fig6_resnet", "model.depth=20,56", "model.shortcut=A,B"]
+    jobs = expand(loader, overrides)
+    assert sorted(key(job) for _, job in jobs) == sorted(("resnet", d, s, 0) for d, s in product((20, 56), "AB"))
+    assert sorted(run.name for run, _ in jobs) == [
+        f"model.depth={d},model.shortcut={s}" for d, s in product((20, 56), "AB")
+    ]
+
+
+def test_data_location_and_label_stay_out_of_directory_names(loader) -> None:
+    overrides = ["experiment=fig6_plain", "data=npz", "data.path=/x/y.npz", 'data.label="a, b (c)"']
+    names = [run.name for run, _ in expand(loader, overrides)]
+    assert names == [f"data=npz,model.depth={d}" for d in (20, 32, 44, 56)]
+
+
+def test_launchers_compose(loader, monkeypatch: pytest.MonkeyPatch) -> None:
+    local = multirun_config(loader, ["experiment=quick", "hydra/launcher=local"])
+    assert local.hydra.launcher._target_.endswith("JoblibLauncher")
+    assert local.hydra.launcher.n_jobs == sweep.local_jobs()
+    slurm = multirun_config(
+        loader,
+        ["experiment=quick", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=30",
+         "hydra.launcher.gpus_per_node=2", "hydra.launcher.cpus_per_task=4", "hydra.launcher.mem_gb=16",
+         "hydra.launcher.array_parallelism=3"],
+    )
+    s = slurm.hydra.launcher
+    assert s._target_.endswith("SlurmLauncher")
+    assert (s.partition, s.timeout_min, s.gpus_per_node, s.cpus_per_task, s.mem_gb, s.array_parallelism) == (
+        "gpu", 30, 2, 4, 16, 3)
+    assert multirun_config(loader, ["hydra/launcher=submitit_local"]).hydra.launcher._target_.endswith("LocalLauncher")
+
+
+def test_local_jobs_is_gpus_times_runs_per_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert sweep.local_jobs() == 4 and sweep.local_jobs("2") == 8
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert sweep.local_jobs(3) == 1

@@ -1,0 +1,172 @@
+"""Sweeps are safe to rerun: one directory per run, finished runs skipped untouched, a failed run never stops the
+others and is reported; `make reproduce` prints and runs the right commands.
+
+The sweeps are real (`python -m resnet_repro.train -m ...` in a subprocess) on tiny nets: depth 8, 10 iterations of
+16 images of the CIFAR-10 sample.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from resnet_repro import reproduce
+from resnet_repro.sweep import EXIT_SWEEP_FAILED, SUMMARY_JSON, PlannedRun, format_summary, run_status
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.depth=8",
+    "data.batch_size=16",
+    "optim.max_iter=10",
+    "optim.milestones=[5,8]",
+    "trainer.log_every=5",
+    "trainer.eval_every=10",
+    "trainer.checkpoint_every=10",
+    "trainer.threads=1",
+    "trainer.progress=false",
+    "responses=false",
+]
+
+
+def sweep(args: list[str]) -> subprocess.CompletedProcess:
+    """`python -m resnet_repro.train -m ARGS` from the repository root; output captured."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "resnet_repro.train", "-m", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under `root`: its bytes and mtime in ns."""
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def submitit_sweep(sample_npz: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Experiment `quick` at depth 8 (plain and ResNet: 2 runs) through hydra/launcher=submitit_local."""
+    runs = tmp_path_factory.mktemp("runs")
+    args = ["experiment=quick", "hydra/launcher=submitit_local", f"runs_dir={runs}", "data=npz",
+            f"data.path={sample_npz}", *TINY]
+    return {"args": args, "sweep_dir": runs / "quick", "first": sweep(args)}
+
+
+def run_dirs(sweep_dir: Path) -> list[Path]:
+    return sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def test_submitit_sweep_writes_one_directory_per_run(submitit_sweep: dict) -> None:
+    first, sweep_dir = submitit_sweep["first"], submitit_sweep["sweep_dir"]
+    assert first.returncode == 0, first.stdout + first.stderr
+    dirs = run_dirs(sweep_dir)
+    assert len(dirs) == 2
+    for d, arch in zip(dirs, ("plain", "resnet")):  # the sweep values are in the directory names
+        assert d.name.startswith(f"data.batch_size=16,data=npz,model.arch={arch},model.depth=8,optim.max_iter=10,")
+        metrics = json.loads((d / "metrics.json").read_text())
+        assert [metrics[k] for k in ("arch", "depth", "iterations", "experiment")] == [arch, 8, 10, "quick"]
+    summary = json.loads((sweep_dir / SUMMARY_JSON).read_text())
+    assert summary["counts"] == {"finished": 2, "skipped": 0, "failed": 0, "incomplete": 0}
+    assert "2 runs, 2 finished, 0 skipped, 0 failed, 0 incomplete" in first.stdout
+
+
+def test_relaunch_skips_finished_runs_untouched(submitit_sweep: dict) -> None:
+    assert submitit_sweep["first"].returncode == 0
+    dirs = run_dirs(submitit_sweep["sweep_dir"])
+    before = {d: snapshot(d) for d in dirs}
+    again = sweep(submitit_sweep["args"])
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "2 runs, 0 finished, 2 skipped, 0 failed, 0 incomplete" in again.stdout
+    assert run_dirs(submitit_sweep["sweep_dir"]) == dirs
+    for d in dirs:
+        assert snapshot(d) == before[d]  # same files, same bytes, same mtimes
+
+
+def test_failed_run_is_reported_while_the_others_finish(sample_npz: Path, tmp_path: Path) -> None:
+    # basic launcher (one process, jobs in turn): the failing job comes first and the next one still runs
+    result = sweep(["experiment=quick", "model.arch=resnet", "fail_at_iter=3,null", f"runs_dir={tmp_path}",
+                    "data=npz", f"data.path={sample_npz}", *TINY])
+    assert result.returncode == EXIT_SWEEP_FAILED, result.stdout + result.stderr
+    failed, finished = (next((tmp_path / "quick").glob(f"*,fail_at_iter={v},model.arch=resnet,*")) for v in (3, "null"))
+    assert (failed / "failed.json").is_file() and not (failed / "metrics.json").exists()
+    assert (finished / "metrics.json").is_file() and not (finished / "failed.json").exists()
+    assert "2 runs, 1 finished, 0 skipped, 1 failed, 0 incomplete" in result.stdout
+    line = next(x for x in result.stdout.splitlines() if x.strip().startswith("failed "))
+    assert failed.name in line and "fault injected at iteration 3" in line
+    summary = json.loads((tmp_path / "quick" / SUMMARY_JSON).read_text())
+    assert {r["name"]: r["status"] for r in summary["runs"]} == {failed.name: "failed", finished.name: "finished"}
+    assert "1 failed" in (tmp_path / "quick" / "sweeps.log").read_text()
+
+
+def test_summary_tells_stale_failures_and_missing_runs_apart(tmp_path: Path) -> None:
+    stale, missing = tmp_path / "stale", tmp_path / "missing"
+    stale.mkdir()
+    (stale / "failed.json").write_text(json.dumps({"error": "RuntimeError: old"}))
+    state = (stale / "failed.json").stat()  # unchanged since the sweep started: not written by this sweep
+    rows = [
+        run_status(PlannedRun([], "stale", stale), {"metrics": False, "failed": (state.st_mtime_ns, state.st_size)}),
+        run_status(PlannedRun([], "missing", missing), {"metrics": False, "failed": None}),
+    ]
+    assert [r["status"] for r in rows] == ["incomplete", "incomplete"]
+    assert "earlier attempt failed: RuntimeError: old" in rows[0]["error"]
+    text = format_summary(str(tmp_path), rows)
+    assert "2 runs, 0 finished, 0 skipped, 0 failed, 2 incomplete" in text and "Rerun the same command" in text
+
+
+def test_reproduce_dry_run_prints_the_commands(capsys: pytest.CaptureFixture) -> None:
+    assert reproduce.main(["--profile", "paper", "--dry-run", "--launcher", "slurm", "--runs-dir", "R"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    py = sys.executable
+    root = (Path.cwd() / "data").resolve()
+    assert lines[0] == shlex.join([py, "-m", "resnet_repro.download", "--root", "./data"])
+    experiments = ["fig6_plain", "fig6_resnet", "table6", "shortcuts", "fig7", "fig7_110", "fig6_deep"]
+    assert lines[1:8] == [
+        shlex.join([py, "-m", "resnet_repro.train", "-m", f"experiment={e}", "runs_dir=R", f"data.root={root}",
+                    "hydra/launcher=slurm"])
+        for e in experiments
+    ]
+    assert lines[8].startswith(shlex.join([py, "-m", "resnet_repro.plot"]))
+    assert lines[8].endswith("--out results/cifar-10/paper")
+
+    label = "CIFAR-10 sample (5,085 train / 1,017 test)"
+    assert reproduce.main(["--profile", "quick", "--dry-run", "--data", "x.npz", "--label", label,
+                           "trainer.threads=1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == shlex.join([py, "-m", "resnet_repro.train", "-m", "experiment=quick", "runs_dir=runs",
+                                   "data=npz", f"data.path={Path('x.npz').resolve()}", f'data.label="{label}"',
+                                   "trainer.threads=1"])
+    assert "--out results/cifar-10-sample-5085-train-1017-test/quick --title-suffix" in lines[1]
+    assert "SHORTENED" in lines[1]
+
+
+def test_identical_runs_of_two_experiments_are_drawn_once(tmp_path: Path) -> None:
+    def run(experiment: str, seed: int, name: str) -> Path:
+        d = tmp_path / experiment / name
+        d.mkdir(parents=True)
+        config = {"experiment": experiment, "runs_dir": "runs", "seed": seed, "model": {"depth": 20},
+                  "trainer": {"threads": 1}, "responses": experiment == "fig7"}
+        (d / "metrics.json").write_text(json.dumps({"config": config}))
+        return d
+
+    a, b, c = run("fig6_resnet", 0, "model.depth=20"), run("table6", 0, "model.depth=20,seed=0"), run("table6", 1, "s1")
+    failed = tmp_path / "table6" / "broken"
+    failed.mkdir()
+    (failed / "failed.json").write_text("{}")
+    kept, dropped = reproduce.unique_runs([a, b, c, failed, a])
+    assert kept == [a, c, failed] and dropped == [(b, a)]
+
+
+@pytest.mark.slow
+def test_reproduce_quick_profile_end_to_end(sample_npz: Path, tmp_path: Path) -> None:
+    code = reproduce.main(["--profile", "quick", "--data", str(sample_npz), "--label", "sample, tiny",
+                           "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results"), *TINY])
+    assert code == 0
+    out = tmp_path / "results" / "sample-tiny" / "quick"
+    assert {"fig6.png", "fig7.png", "table6.md", "verdict.md", "reproduce.json"} <= {p.name for p in out.iterdir()}
+    record = json.loads((out / "reproduce.json").read_text())
+    assert len(record["runs_drawn"]) == 2 and [s["status"] for s in record["steps"]] == ["ok", "ok"]
