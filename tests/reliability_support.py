@@ -203,3 +203,70 @@ def after_the_last_event_file(run_dir: Path) -> None:
     stamps = [int(p.name.split(".")[3]) for p in run_dir.glob("events.out.tfevents.*")]
     while stamps and time.time() < max(stamps) + 1:
         time.sleep(0.05)
+
+
+class PoisonLogits:
+    """Forward hook on the classifier: NaN logits on the training-mode calls listed (0-based call count)."""
+
+    def __init__(self, calls: set[int]):
+        self.calls, self.count = calls, 0
+
+    def __call__(self, module, inputs, output):
+        if not module.training:
+            return None
+        self.count += 1
+        return output * float("nan") if self.count - 1 in self.calls else None
+
+
+def ddp_worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
+    """One gloo rank of `torch.multiprocessing.spawn`; runs each job {cfg, run_dir, nan_on: (rank, iteration) or
+    None, fault_on: (rank, spec) or None} in turn and writes what happened to <run_dir>.rank<r>.txt."""
+    import resnet_repro.train as train_module
+    from resnet_repro import faults
+    from resnet_repro.engine import NonFiniteError, Preempted
+    from resnet_repro.models import build_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        for job in jobs:
+            nan_rank, nan_iteration = job.get("nan_on") or (None, None)
+
+            def model_for_this_rank(*args, _poison=rank == nan_rank, _at=nan_iteration, **kwargs):
+                model = build_model(*args, **kwargs)
+                if _poison:
+                    model.fc.register_forward_hook(PoisonLogits({_at}))
+                return model
+
+            train_module.build_model = model_for_this_rank
+            fault_rank, spec = job.get("fault_on") or (None, None)
+            try:
+                with faults.inject(spec if rank == fault_rank else None):
+                    train(job["cfg"], Path(job["run_dir"]), DistInfo(rank=rank, world_size=world_size))
+                outcome = "finished"
+            except (NonFiniteError, Preempted) as exc:
+                outcome = f"{type(exc).__name__}: {exc}"
+            Path(f"{job['run_dir']}.rank{rank}.txt").write_text(outcome)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def spawn_ddp(jobs: list[dict], world_size: int = 2, timeout: float = 240) -> list[list[str]]:
+    """Run `jobs` on `world_size` gloo ranks (CPU); per job, each rank's outcome. A rank stuck in a collective
+    fails the test after `timeout` seconds instead of hanging it."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.spawn(ddp_worker, args=(world_size, port, jobs), nprocs=world_size, join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise TimeoutError(f"a DDP rank was still running after {timeout} s (stuck in a collective?)")
+    return [[Path(f"{job['run_dir']}.rank{r}.txt").read_text() for r in range(world_size)] for job in jobs]

@@ -98,7 +98,7 @@ def test_cli_writes_markdown_and_json_with_every_column(bench_run) -> None:
         assert key in meta
     assert meta["command"].startswith("python scripts/bench.py") and "--arches resnet-8" in meta["command"]
     rows = {r["config"]: r for r in report["rows"]}
-    assert list(rows) == ["baseline", "ours-1", "ours-2", "ours-3", "ours-4", "ours-5"]
+    assert list(rows) == ["baseline", "ours-1", "ours-2", "ours-3", "ours-4", "ours-5", "ours-5b"]
     for key in ("baseline", "ours-1", "ours-3"):
         assert rows[key]["status"] == "ok", rows[key]["note"]
         for field in ROW_KEYS:
@@ -109,7 +109,8 @@ def test_cli_writes_markdown_and_json_with_every_column(bench_run) -> None:
     assert rows["baseline"]["speedup"] == pytest.approx(1.0)
     assert rows["ours-2"]["status"] in ("ok", "skipped")  # bf16 on CPU runs unless absurdly slow
     assert rows["ours-4"]["status"] == "skipped" and "compile-on-cpu" in rows["ours-4"]["note"]
-    assert rows["ours-5"]["status"] == "skipped" and "CUDA" in rows["ours-5"]["note"]
+    for key in ("ours-5", "ours-5b"):
+        assert rows[key]["status"] == "skipped" and "CUDA" in rows[key]["note"]
     assert "ResNet-8" in md and "skipped" in md
 
 
@@ -156,6 +157,7 @@ def test_plan_on_cpu_skips_cuda_only_rows() -> None:
     cuda = {p.variant.key: p for p in plan_variants(torch.device("cuda"), compile_on_cpu=False)}
     assert all(p.skip is None for p in cuda.values())
     assert cuda["ours-2"].variant.channels_last and cuda["ours-5"].variant.graphs and cuda["ours-5"].variant.compile
+    assert cuda["ours-5b"].variant.graphs and not cuda["ours-5b"].variant.compile
 
 
 def test_arch_parsing() -> None:

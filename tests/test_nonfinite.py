@@ -14,7 +14,15 @@ import sys
 
 import pytest
 import torch
-from reliability_support import checkpoint_iteration, checkpoint_path, data_overrides, make_tiny_npz
+from reliability_support import (
+    PoisonLogits,
+    checkpoint_iteration,
+    checkpoint_path,
+    compose_config,
+    data_overrides,
+    make_tiny_npz,
+    spawn_ddp,
+)
 
 import resnet_repro.train as train_module
 from resnet_repro.engine import TrainStep
@@ -47,19 +55,6 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-class PoisonLogits:
-    """Forward hook on the classifier: NaN logits on the training-mode calls listed (0-based call count)."""
-
-    def __init__(self, calls: set[int]):
-        self.calls, self.count = calls, 0
-
-    def __call__(self, module, inputs, output):
-        if not module.training:
-            return None
-        self.count += 1
-        return output * float("nan") if self.count - 1 in self.calls else None
-
-
 @pytest.mark.parametrize("poison", ["nan-loss", "inf-gradient"])
 def test_a_bad_first_step_changes_no_weight_and_leaves_zero_momentum(poison):
     """Fused SGD skips the update on `found_inf`; on the very first step it would still store momentum buffers
@@ -81,6 +76,27 @@ def test_a_bad_first_step_changes_no_weight_and_leaves_zero_momentum(poison):
     fresh_model, fresh_optimizer, fresh_step = _setup()
     fresh_step(x1, y1)
     assert not bool(bad)
+    assert _same(_params_and_momentum(model, optimizer), _params_and_momentum(fresh_model, fresh_optimizer))
+
+
+def test_an_fp16_overflow_on_the_first_step_is_skipped_cleanly_and_training_goes_on():
+    """With fp16, GradScaler's overflow skip is routine, not an error (the run goes on), and it often hits the very
+    first step: before zero-initialised buffers, every later step added uninitialised memory into the momentum."""
+    (x0, y0), (x1, y1) = _batches(2)
+    model, optimizer, _ = _setup()
+    step = TrainStep(model, optimizer, "fp16", CPU)
+    step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**120)  # fp16 gradients overflow at this scale
+    before = [p.detach().clone() for p in model.parameters()]
+    _, _, bad = step(x0, y0)
+    assert not bool(bad) and step.scaler.get_scale() < 2.0**120  # skipped by the scaler, not a failure
+    assert _same([p.detach() for p in model.parameters()], before)
+    assert all(torch.count_nonzero(optimizer.state[p]["momentum_buffer"]) == 0 for p in model.parameters())
+    step.scaler.update(1024.0)
+    step(x1, y1)
+    fresh_model, fresh_optimizer, _ = _setup()
+    fresh_step = TrainStep(fresh_model, fresh_optimizer, "fp16", CPU)
+    fresh_step.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    fresh_step(x1, y1)
     assert _same(_params_and_momentum(model, optimizer), _params_and_momentum(fresh_model, fresh_optimizer))
 
 
@@ -176,55 +192,23 @@ def test_a_diverging_run_in_a_sweep_is_marked_failed_and_the_others_finish(npz, 
     assert not (healthy / "failed.json").exists()
 
 
-def _ddp_worker(rank: int, world_size: int, port: int, cfg, run_dir: str) -> None:
-    """One gloo rank; rank 1 alone gets NaN logits at iteration 3. Writes what happened to rank<r>.txt."""
-    import os
-    from pathlib import Path
 
-    from resnet_repro.engine import DistInfo, NonFiniteError
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
-    if rank == 1:
-        def poisoned_model(*args, **kwargs):
-            model = build_model(*args, **kwargs)
-            model.fc.register_forward_hook(PoisonLogits({3}))
-            return model
-
-        train_module.build_model = poisoned_model
-    try:
-        train_module.train(cfg, Path(run_dir), DistInfo(rank=rank, world_size=world_size))
-        outcome = "finished"
-    except NonFiniteError as exc:
-        outcome = str(exc)
-    finally:
-        torch.distributed.destroy_process_group()
-    (Path(run_dir).parent / f"rank{rank}.txt").write_text(outcome)
-
-
-def test_under_ddp_a_nan_on_one_rank_stops_every_rank_at_the_same_check(npz, tmp_path):
-    """2 gloo processes: NaN logits on rank 1 only (DDP's gradient all-reduce spreads them to rank 0, so both skip
-    the update); both stop at the next check naming iteration 3 and their rank; none hangs in a collective."""
-    import socket
-    import time
-
-    import torch.multiprocessing as mp
-    from reliability_support import compose_config
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cfg = compose_config([*data_overrides(npz), *BASE, "trainer.checkpoint_every=2"])
-    run_dir = tmp_path / "run"
-    context = mp.spawn(_ddp_worker, args=(2, port, cfg, str(run_dir)), nprocs=2, join=False)
-    deadline = time.monotonic() + 240
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("a DDP rank hung after the non-finite step")
-    outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
-    for rank, outcome in enumerate(outcomes):
+def test_under_ddp_all_ranks_stop_together_on_a_nan_or_a_signal_on_one_rank(npz, tmp_path):
+    """2 gloo processes, two runs. (1) NaN logits on rank 1 only at iteration 3: DDP's gradient all-reduce spreads
+    them, both ranks skip the update and stop at the next check naming iteration 3 and their rank. (2) SIGTERM to
+    rank 1 only before iteration 5: the checkpoint has a barrier, so the ranks agree on the stop (the flag is
+    all-reduced at log intervals) and both stop after iteration 8 with one checkpoint. No rank hangs either time."""
+    base = [*data_overrides(npz), *BASE]
+    nan_run, signal_run = tmp_path / "nan", tmp_path / "signal"
+    jobs = [
+        {"cfg": compose_config([*base, "trainer.checkpoint_every=2"]), "run_dir": str(nan_run), "nan_on": (1, 3)},
+        {"cfg": compose_config([*base, "trainer.checkpoint_every=100"]), "run_dir": str(signal_run),
+         "fault_on": (1, "step@5/term")},
+    ]
+    nan_outcomes, signal_outcomes = spawn_ddp(jobs)
+    for rank, outcome in enumerate(nan_outcomes):
         assert f"non-finite loss or gradient at iteration 3 (rank {rank} of 2)" in outcome, outcome
-    assert checkpoint_iteration(run_dir) == 2  # rank 0's last good checkpoint, nothing written after the bad step
+    assert checkpoint_iteration(nan_run) == 2  # rank 0's last good checkpoint; nothing written after the bad step
+    assert "SIGTERM received" in signal_outcomes[1] and "stop (another rank) received" in signal_outcomes[0]
+    assert all("checkpoint written at iteration 8" in o for o in signal_outcomes), signal_outcomes
+    assert checkpoint_iteration(signal_run) == 8
