@@ -7,6 +7,8 @@ forked child of the test process (real SIGKILL, no import cost); a few cases go 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -14,10 +16,11 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from conftest import REPO
 from hydra import compose, initialize_config_dir
@@ -62,6 +65,32 @@ def compose_config(overrides: list[str]) -> TrainConfig:
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+@pytest.fixture(autouse=True)
+def pinned_threads() -> Iterator[None]:
+    """Every test here computes with THREADS torch threads (as its runs do), then the session's count is back.
+    One thread also keeps OpenMP from spin-waiting against other work on a small, busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def in_process_entry() -> Iterator[None]:
+    """Around an in-process call of the Hydra entry point: Hydra reconfigures the root logger for each job and
+    `train()` sets torch's thread count; give the test session both back afterwards."""
+    root = logging.getLogger()
+    handlers, level, threads = list(root.handlers), root.level, torch.get_num_threads()
+    try:
+        yield
+    finally:
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:], root.level = handlers, level
+        torch.set_num_threads(threads)
 
 
 def train_in_process(cfg: TrainConfig, run_dir: Path) -> dict:

@@ -7,7 +7,6 @@ the ~3 s of a new interpreter; a few cases also run as real `python -m resnet_re
 
 from __future__ import annotations
 
-import logging
 import subprocess
 import sys
 import time
@@ -16,7 +15,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO
-from reliability_support import cli_command, cli_env, make_tiny_npz
+from reliability_support import (  # noqa: F401  (pinned_threads: an autouse fixture)
+    cli_command,
+    cli_env,
+    in_process_entry,
+    make_tiny_npz,
+    pinned_threads,
+)
 
 import resnet_repro.train as train_module
 
@@ -79,14 +84,8 @@ def files(tmp_path_factory, sample_npz):
 
 @pytest.fixture
 def isolated_logging():
-    """Hydra reconfigures the root logger for each in-process job; give pytest its handlers back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in root.handlers:
-        if handler not in handlers:
-            handler.close()
-    root.handlers[:], root.level = handlers, level
+    with in_process_entry():
+        yield
 
 
 def _expand(args: list[str], files: dict) -> tuple[list[str], dict[str, str]]:

@@ -9,11 +9,12 @@ import signal
 
 import pytest
 import torch
-from reliability_support import (
+from reliability_support import (  # noqa: F401  (pinned_threads: an autouse fixture)
     checkpoint_path,
     compose_config,
     data_overrides,
     make_tiny_npz,
+    pinned_threads,
     run_cli,
     run_forked,
     temp_files,

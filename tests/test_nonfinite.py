@@ -9,18 +9,19 @@ skip: that is one reason the run stops instead of carrying on past a bad step.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 
 import pytest
 import torch
-from reliability_support import (
+from reliability_support import (  # noqa: F401  (pinned_threads: an autouse fixture)
     PoisonLogits,
     checkpoint_iteration,
     checkpoint_path,
     compose_config,
     data_overrides,
+    in_process_entry,
     make_tiny_npz,
+    pinned_threads,
     spawn_ddp,
 )
 
@@ -118,13 +119,8 @@ def test_a_bad_step_mid_run_changes_neither_weights_nor_momentum(poison):
 
 @pytest.fixture
 def isolated_logging():
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in root.handlers:
-        if handler not in handlers:
-            handler.close()
-    root.handlers[:], root.level = handlers, level
+    with in_process_entry():
+        yield
 
 
 @pytest.fixture

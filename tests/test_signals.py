@@ -1,5 +1,6 @@
 """SIGTERM / SIGUSR1 (Slurm preemption, issue 7.6): a checkpoint at the next step boundary, a non-zero exit that
-says to rerun, and a rerun that ends bit-identical to the uninterrupted canonical run (tests/reliability_support)."""
+says to rerun, and a rerun that ends bit-identical to the uninterrupted canonical run (tests/reliability_support).
+Under DDP (a signal to one rank only): tests/test_nonfinite.py, which spawns the two gloo ranks once for both."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 
 import pytest
 from conftest import REPO
-from reliability_support import (
+from reliability_support import (  # noqa: F401  (pinned_threads: an autouse fixture)
     after_the_last_event_file,
     checkpoint_iteration,
     checkpoint_path,
@@ -19,6 +20,7 @@ from reliability_support import (
     curves,
     data_overrides,
     make_tiny_npz,
+    pinned_threads,
     reference_run,
     run_forked,
     train_in_process,
@@ -92,4 +94,3 @@ def test_sigterm_stops_a_whole_basic_launcher_sweep_not_just_its_current_run(sam
     seed0 = next(runs.glob("default/*seed=0*"))
     assert checkpoint_iteration(seed0) == 6 and not (seed0 / "failed.json").exists()
     assert not list(runs.glob("default/*seed=1*"))
-
