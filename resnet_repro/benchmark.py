@@ -1095,6 +1095,9 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     only = [c for c in args.configs.split(",") if c] if args.configs else None
     plan = plan_variants(device, args.compile_on_cpu, only)
+    ours_keys = [p.variant.key for p in plan_variants(device, True) if p.variant.pipeline == "ours"]
+    if args.k_config not in ours_keys:
+        raise SystemExit(f"--k-config {args.k_config!r}: one of {ours_keys}")
     arches = [parse_arch(a) for a in args.arches.split(",") if a.strip()]
     arrays = random_cifar(args.num_images, 1000 if device.type == "cuda" else 200)
     order: list[dict] = []
