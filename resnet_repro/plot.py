@@ -113,9 +113,16 @@ def save(fig: Figure, out: Path, stem: str) -> list[Path]:
     return paths
 
 
+def iteration_axis(runs: Sequence[Run]) -> tuple[float, str]:
+    """x scale and label: the paper's units of 1e4 iterations, or plain iterations for runs shorter than 10k."""
+    longest = max((int(r.metrics.get("iterations") or 0) for r in runs), default=0)
+    return (1e4, "iter. (1e4)") if longest >= 10_000 else (1.0, "iterations")
+
+
 def plot_fig6(runs: Sequence[Run], out: Path, title: str) -> list[Path]:
     """Figure 6: training (thin dashed) and test (bold) error vs iterations; plain, ResNet, deep ResNet panels."""
     groups = figure_groups(runs)
+    x_scale, x_label = iteration_axis(runs)
     colours = depth_colours([d for _, d in groups])
     fig, axes = plt.subplots(1, 3, figsize=(16, 6.2), sharex=True, sharey=True, layout="constrained")
     plotted: list[Curve] = []
@@ -126,7 +133,7 @@ def plot_fig6(runs: Sequence[Run], out: Path, title: str) -> list[Path]:
             colour = colours[depth]
             for curve, style in ((train, {"ls": "--", "lw": 0.9}), (test, {"ls": "-", "lw": 2.2})):
                 if curve is not None:
-                    ax.plot(curve[0] / 1e4, curve[1], color=colour, **style)
+                    ax.plot(curve[0] / x_scale, curve[1], color=colour, **style)
                     plotted.append(curve)
             handles.append(Line2D([], [], color=colour, lw=2.2, label=model_name(arch, depth) + note))
         if not handles:
@@ -134,7 +141,7 @@ def plot_fig6(runs: Sequence[Run], out: Path, title: str) -> list[Path]:
         handles += [Line2D([], [], color="k", ls="--", lw=0.9, label="training error"),
                     Line2D([], [], color="k", lw=2.2, label="test error")]
         ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=9, frameon=False)
-        ax.set(title=panel, xlabel="iter. (1e4)")
+        ax.set(title=panel, xlabel=x_label)
         ax.grid(True, alpha=0.3)
         ax.tick_params(labelleft=True)
     axes[0].set_ylabel("error (%)")
