@@ -10,6 +10,7 @@ import csv
 import logging
 import math
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from functools import reduce
 from pathlib import Path
@@ -147,7 +148,7 @@ def plot_fig6(runs: Sequence[Run], out: Path, title: str) -> list[Path]:
     axes[0].set_ylabel("error (%)")
     axes[0].set_ylim(0, error_ylim(plotted))
     axes[0].set_xlim(left=0)
-    fig.suptitle(f"Figure 6 (reproduction): {title}")
+    fig.suptitle(textwrap.fill(f"Figure 6 (reproduction): {title}", 160))
     return save(fig, out, "fig6")
 
 
@@ -176,7 +177,8 @@ def plot_fig7(runs: Sequence[Run], out: Path, title: str) -> list[Path]:
     if omitted:
         note = f"{', '.join(omitted)} not shown: as in the paper, depths up to {FIG7_MAX_DEPTH} only"
         bottom.text(0.99, 0.97, note, transform=bottom.transAxes, ha="right", va="top", fontsize=9, color="grey")
-    fig.suptitle(f"Figure 7 (reproduction): std of layer responses (after BN, before addition)\n{title}")
+    heading = "Figure 7 (reproduction): std of layer responses (after BN, before addition)"
+    fig.suptitle(f"{heading}\n{textwrap.fill(title, 95)}")
     return save(fig, out, "fig7")
 
 
