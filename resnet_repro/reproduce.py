@@ -36,10 +36,8 @@ PROFILES: dict[str, tuple[str, ...]] = {
     "paper": ("fig6_plain", "fig6_resnet", "table6", "shortcuts", "fig7", "fig7_110", "fig6_deep"),
     "quick": ("quick",),
 }
-TITLE_SUFFIX = {
-    "paper": "",
-    "quick": " — quick profile: SHORTENED schedule (configs/experiment/quick.yaml), not the 64k-iteration recipe",
-}
+# Figure/table title suffix per profile; the title already names the data and the iteration count.
+TITLE_SUFFIX = {"paper": "", "quick": " — quick profile: shortened, lr {lr}"}
 LAUNCHERS = ("basic", "local", "slurm", "submitit_local", "submitit_slurm", "joblib")
 SUMMARY_JSON = "sweep_summary.json"  # written by resnet_repro.sweep.SweepSummary
 EXIT_STOPPED = 3  # SIGTERM: passed on to the running sweep, which checkpoints; rerun to resume (as train.py)
@@ -59,6 +57,7 @@ class Step:
     wall_s: float | None = None
     counts: dict[str, int] = field(default_factory=dict)
     run_dirs: list[str] = field(default_factory=list)
+    runs: list[dict[str, Any]] = field(default_factory=list)  # the sweep summary's rows
     note: str = ""
 
 
@@ -82,6 +81,13 @@ def experiment_dir_name(experiment: str) -> str:
     text = (CONFIG_DIR / "experiment" / f"{experiment}.yaml").read_text()
     match = re.search(r"^experiment:\s*(\S+)\s*$", text, flags=re.MULTILINE)
     return match.group(1) if match else experiment
+
+
+def quick_lr() -> str:
+    """The learning rate of experiment `quick` (it differs from the paper's; the titles say so)."""
+    text = (CONFIG_DIR / "experiment" / "quick.yaml").read_text()
+    match = re.search(r"^\s+lr:\s*(\S+)\s*$", text, flags=re.MULTILINE)
+    return match.group(1) if match else "?"
 
 
 def train_command(experiment: str, args: argparse.Namespace) -> list[str]:
@@ -203,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps.append(Step("download", [sys.executable, "-m", "resnet_repro.download", "--root", args.data_root]))
     steps += [Step(f"experiment {e}", train_command(e, args), experiment=e) for e in experiments]
     plot_cmd = [sys.executable, "-m", "resnet_repro.plot"]
-    suffix = TITLE_SUFFIX[args.profile]
+    suffix = TITLE_SUFFIX[args.profile].format(lr=quick_lr())
     plot_tail = ["--out", str(out)] + (["--title-suffix", suffix] if suffix else [])
 
     if args.dry_run:
@@ -248,6 +254,8 @@ def run_all(
             continue
         step.counts = summary["counts"]
         step.run_dirs = [r["dir"] for r in summary["runs"] if r["status"] in ("finished", "skipped", "failed")]
+        step.runs = [{k: r.get(k) for k in ("name", "status", "test_err", "train_err", "wall_s", "error")}
+                     for r in summary["runs"]]
 
     run_dirs, dropped = unique_runs([d for s in steps for d in s.run_dirs])
     for copy, original in dropped:

@@ -112,6 +112,7 @@ def run_status(run: PlannedRun, before: dict[str, Any]) -> dict[str, Any]:
         try:
             m = json.loads(metrics.read_text())
             row.update(test_err=m.get("final_test_err"), train_err=m.get("final_train_err"))
+            row["wall_s"] = m.get("wall_time_s")
         except (OSError, ValueError):
             pass
         return row

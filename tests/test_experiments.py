@@ -131,7 +131,8 @@ def test_quick_is_a_shortened_schedule(loader) -> None:
         o = job.optim
         assert o.max_iter < 64000
         assert list(o.milestones) == [o.max_iter // 2, o.max_iter * 3 // 4]
-        assert (o.lr, o.momentum, o.weight_decay, job.data.batch_size) == (0.1, 0.9, 1e-4, 128)
+        assert (o.momentum, o.weight_decay, o.gamma, job.data.batch_size) == (0.9, 1e-4, 0.1, 128)
+        assert o.lr == 0.02 and o.warmup is None  # documented in quick.yaml: 0.1 blows ResNet-56 up at 200 iterations
         assert o.max_iter % job.trainer.eval_every == 0 and o.max_iter % job.trainer.log_every == 0
 
 

@@ -141,7 +141,7 @@ def test_reproduce_dry_run_prints_the_commands(capsys: pytest.CaptureFixture) ->
                                    "data=npz", f"data.path={Path('x.npz').resolve()}", f'data.label="{label}"',
                                    "trainer.threads=1"])
     assert "--out results/cifar-10-sample-5085-train-1017-test/quick --title-suffix" in lines[1]
-    assert "SHORTENED" in lines[1]
+    assert "quick profile: shortened, lr 0.02" in lines[1]
 
 
 def test_identical_runs_of_two_experiments_are_drawn_once(tmp_path: Path) -> None:
