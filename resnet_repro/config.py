@@ -112,7 +112,6 @@ class TrainerConfig:
     checkpoint_every: int = 2000  # iterations between checkpoints; always at the end too
     progress: bool = True  # progress bar on stderr
     threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
-    gpus_per_job: int = 1  # informational for launchers; torchrun sets world size itself
 
 
 @dataclass
