@@ -836,9 +836,9 @@ def recommend_k(results: list[dict[str, Any]], device: torch.device) -> dict[str
 
 
 HOW_TO_SET_K = (
-    "Sweeps run K training processes per GPU through Hydra's joblib launcher: n_jobs = (number of GPUs) x K "
-    "(`hydra.launcher.n_jobs=N`, or the environment variable read by configs/hydra/launcher/local.yaml, e.g. "
-    "RESNET_REPRO_JOBS=N), and resnet_repro/train.py puts job j on GPU j % torch.cuda.device_count()."
+    "Sweeps run K training processes per GPU through Hydra's joblib launcher: set RESNET_REPRO_RUNS_PER_GPU=K "
+    "(configs/hydra/launcher/local.yaml makes n_jobs = GPUs x K); each job holds a slot of the least-busy GPU "
+    "until its run ends (resnet_repro/gpu_slots.py), never more than K per GPU."
 )
 
 

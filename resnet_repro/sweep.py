@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from resnet_repro.checkpoint import atomic_write_json
 from resnet_repro.engine import FAILED_NAME, METRICS_NAME
+from resnet_repro.gpu_slots import parse_runs_per_gpu
 from resnet_repro.tracking import now_iso
 
 SUMMARY_JSON = "sweep_summary.json"
@@ -42,8 +43,9 @@ def local_jobs(runs_per_gpu: int | str = 1) -> int:
     """Concurrent jobs for the local launcher: visible GPUs x `runs_per_gpu`, or 1 on a machine without a GPU."""
     import torch
 
+    k = parse_runs_per_gpu(runs_per_gpu)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return gpus * max(1, int(runs_per_gpu)) if gpus else 1
+    return gpus * k if gpus else 1
 
 
 @dataclass
@@ -204,4 +206,3 @@ class SweepSummary(Callback):
             print(f"warning: could not write the sweep summary into {sweep_dir}: {exc}", file=sys.stderr)
         if self.exit_on_failure and (summary["counts"]["failed"] or summary["counts"]["incomplete"]):
             sys.exit(EXIT_SWEEP_FAILED)
-

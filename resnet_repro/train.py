@@ -7,10 +7,12 @@ torchrun --nproc-per-node=2 -m resnet_repro.train model.depth=110
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ from resnet_repro.config import (
 from resnet_repro.data import DeviceData, load_cifar10, load_npz, split_validation
 from resnet_repro.engine import FAILED_NAME, METRICS_NAME, DistInfo, LoopOptions, Preempted, fit, write_metrics
 from resnet_repro.errors import ConfigError
+from resnet_repro.gpu_slots import acquire_gpu_slot, cuda_gpu_keys, runs_per_gpu_from_env
 from resnet_repro.models import build_model, count_parameters
 from resnet_repro.models.ghost_bn import use_ghost_batch_norm
 from resnet_repro.optim import Schedule, Warmup, make_sgd
@@ -82,15 +85,26 @@ def distributed_info() -> DistInfo:
     return DistInfo(rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)))
 
 
-def pick_device(requested: Device, dist_info: DistInfo, job_num: int | None) -> torch.device:
-    """The device for this process: torchrun's LOCAL_RANK, else one GPU per sweep job round-robin, else CPU."""
+@contextlib.contextmanager
+def job_device(requested: Device, dist_info: DistInfo, sweeping: bool) -> Iterator[torch.device]:
+    """The device for this process while it trains.
+
+    CPU when asked or without CUDA; torchrun's LOCAL_RANK for DDP; in a sweep, a slot of the least-busy GPU
+    (at most `$RESNET_REPRO_RUNS_PER_GPU` runs per GPU, see gpu_slots.py), held until the run ends; else the
+    current CUDA device.
+    """
     if requested is Device.cpu or not torch.cuda.is_available():
-        return torch.device("cpu")
-    if dist_info.world_size > 1:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if job_num is not None and "CUDA_VISIBLE_DEVICES" not in os.environ:
-        return torch.device("cuda", job_num % torch.cuda.device_count())
-    return torch.device("cuda", torch.cuda.current_device())
+        yield torch.device("cpu")
+    elif dist_info.world_size > 1:
+        yield torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    elif not sweeping:
+        yield torch.device("cuda", torch.cuda.current_device())
+    else:
+        slot = acquire_gpu_slot(cuda_gpu_keys(), runs_per_gpu_from_env())
+        try:
+            yield torch.device("cuda", slot.index)
+        finally:
+            slot.release()
 
 
 def load_data(cfg: TrainConfig):
@@ -105,12 +119,16 @@ def load_data(cfg: TrainConfig):
     return arrays
 
 
-def train(cfg: TrainConfig, run_dir: Path, dist_info: DistInfo, job_num: int | None = None) -> dict[str, Any]:
+def train(cfg: TrainConfig, run_dir: Path, dist_info: DistInfo, sweeping: bool = False) -> dict[str, Any]:
     """Validate, build everything and fit one run in `run_dir`; returns the metrics written to metrics.json."""
     validate(cfg, world_size=dist_info.world_size)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
-    device = pick_device(Device(cfg.trainer.device), dist_info, job_num)
+    with job_device(Device(cfg.trainer.device), dist_info, sweeping) as device:
+        return _train_on(cfg, run_dir, dist_info, device)
+
+
+def _train_on(cfg: TrainConfig, run_dir: Path, dist_info: DistInfo, device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     precision = Precision(cfg.trainer.precision)
@@ -262,7 +280,7 @@ def main(dict_cfg: DictConfig) -> str:
         if dist_info.world_size > 1 and not torch.distributed.is_initialized():
             backend = "nccl" if torch.cuda.is_available() and cfg.trainer.device != Device.cpu else "gloo"
             torch.distributed.init_process_group(backend)
-        train(cfg, run_dir, dist_info, hydra_cfg.job.num if sweeping else None)
+        train(cfg, run_dir, dist_info, sweeping)
         return "finished"
     except Preempted as exc:  # not a failure: the whole process (a basic-launcher sweep too) stops to be requeued
         log.warning("preempted: %s", exc)

@@ -1,0 +1,159 @@
+"""K runs per GPU in a sweep: each job holds one of K slot locks of the least-busy GPU while it trains.
+
+Round-robin by job number (job j on GPU j mod G) drifts as soon as runs differ in length: with plain-20 and
+ResNet-110 in one sweep, the short runs' GPUs free up while the next jobs still land on busy ones. Here a job
+instead takes, under one machine-wide chooser lock, a free slot of the GPU that has the fewest slots held, and
+keeps it until its run ends. Slots are `flock` locks on files named by the GPU's UUID, so
+
+- a job that dies (even `kill -9`) releases its slot with its file descriptor, nothing to clean up;
+- separate sweeps on one machine (or Slurm jobs on one node) share the same accounting of each physical GPU;
+- a job that finds every slot busy waits for one instead of oversubscribing a GPU.
+
+The directory is `$RESNET_REPRO_SLOT_DIR` (default: `resnet_repro-gpu-slots` in the system temp folder) and K is
+`$RESNET_REPRO_RUNS_PER_GPU` (default 1), the same variable that sizes the local launcher's `n_jobs`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from resnet_repro.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SLOT_DIR_ENV = "RESNET_REPRO_SLOT_DIR"
+RUNS_PER_GPU_ENV = "RESNET_REPRO_RUNS_PER_GPU"
+CHOOSER_NAME = "choose.lock"
+WAIT_LOG_EVERY_S = 60.0
+
+
+@dataclass
+class GpuSlot:
+    """A held slot: the GPU's index in this process's device list, its key, and the locked file."""
+
+    index: int
+    key: str
+    slot: int
+    handle: IO[bytes]
+
+    def release(self) -> None:
+        """Unlock and close the slot file (idempotent)."""
+        if not self.handle.closed:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+
+
+def default_slot_dir() -> Path:
+    """`$RESNET_REPRO_SLOT_DIR`, or a folder in the system temp directory shared by every job of this machine."""
+    return Path(os.environ.get(SLOT_DIR_ENV) or Path(tempfile.gettempdir()) / "resnet_repro-gpu-slots")
+
+
+def parse_runs_per_gpu(raw: int | str) -> int:
+    """K as given in `$RESNET_REPRO_RUNS_PER_GPU`; ConfigError naming the variable unless a positive integer."""
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"{RUNS_PER_GPU_ENV}={raw!r} is not valid: a positive integer (runs at once per GPU)")
+    return value
+
+
+def runs_per_gpu_from_env() -> int:
+    """K from `$RESNET_REPRO_RUNS_PER_GPU` (default 1)."""
+    return parse_runs_per_gpu(os.environ.get(RUNS_PER_GPU_ENV, "1"))
+
+
+def _slot_path(slot_dir: Path, key: str, slot: int) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in key)
+    return slot_dir / f"{safe}.slot{slot}.lock"
+
+
+def _try_lock(path: Path) -> IO[bytes] | None:
+    """Open and exclusively lock `path` without waiting; None when another process holds it."""
+    handle = open(path, "ab")  # noqa: SIM115 - the handle is the lock and outlives this function
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
+@contextlib.contextmanager
+def _chooser(slot_dir: Path) -> Iterator[None]:
+    """Serialise slot choice among all jobs of the machine (held for a few file operations only)."""
+    with open(slot_dir / CHOOSER_NAME, "ab") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _try_acquire(gpu_keys: Sequence[str], runs_per_gpu: int, slot_dir: Path) -> GpuSlot | None:
+    """One pass under the chooser lock: a free slot of the GPU with the fewest held slots, or None."""
+    with _chooser(slot_dir):
+        free: dict[int, list[tuple[int, IO[bytes]]]] = {}
+        for index, key in enumerate(gpu_keys):
+            free[index] = []
+            for slot in range(runs_per_gpu):
+                handle = _try_lock(_slot_path(slot_dir, key, slot))
+                if handle is not None:
+                    free[index].append((slot, handle))
+        candidates = [index for index in free if free[index]]
+        chosen = max(candidates, key=lambda index: (len(free[index]), -index)) if candidates else None
+        held = None
+        for index, handles in free.items():
+            for position, (slot, handle) in enumerate(handles):
+                if index == chosen and position == 0:
+                    held = GpuSlot(index, gpu_keys[index], slot, handle)
+                else:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+                    handle.close()
+        return held
+
+
+def acquire_gpu_slot(
+    gpu_keys: Sequence[str], runs_per_gpu: int, slot_dir: Path | None = None, poll_s: float = 1.0
+) -> GpuSlot:
+    """Block until a slot is free; take one on the GPU with the most free slots (ties: the lowest index)."""
+    if not gpu_keys:
+        raise ValueError("no GPU to take a slot on")
+    if runs_per_gpu < 1:
+        raise ValueError(f"runs_per_gpu={runs_per_gpu} is not valid: a positive integer")
+    slot_dir = slot_dir or default_slot_dir()
+    slot_dir.mkdir(parents=True, exist_ok=True)
+    started = next_log = time.monotonic()
+    while True:
+        held = _try_acquire(gpu_keys, runs_per_gpu, slot_dir)
+        if held is not None:
+            log.info("GPU %d (%s): slot %d of %d taken", held.index, held.key, held.slot + 1, runs_per_gpu)
+            return held
+        if time.monotonic() >= next_log:
+            waited = time.monotonic() - started
+            log.info(
+                "all %d x %d GPU slots in %s are busy; waited %.0f s", len(gpu_keys), runs_per_gpu, slot_dir, waited
+            )
+            next_log += WAIT_LOG_EVERY_S
+        time.sleep(poll_s)
+
+
+def cuda_gpu_keys() -> list[str]:
+    """A stable key per visible CUDA device: its UUID (the same GPU has the same key in every process)."""
+    import torch
+
+    keys = []
+    for index in range(torch.cuda.device_count()):
+        uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+        keys.append(f"GPU-{uuid}" if uuid is not None else f"cuda{index}")
+    return keys
