@@ -22,3 +22,11 @@ def sample_npz() -> Path:
             pytest.fail(f"CI needs the CIFAR-10 sample at {SAMPLE_NPZ}")
         pytest.skip(f"CIFAR-10 sample not found at {SAMPLE_NPZ}")
     return SAMPLE_NPZ
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, sample_npz: Path) -> dict[str, object]:
+    """The uninterrupted canonical run of the reliability tests (computed once per session; reliability_support)."""
+    from reliability_support import reference_run
+
+    return reference_run(tmp_path_factory, sample_npz)

@@ -27,7 +27,6 @@ from reliability_support import (  # noqa: F401  (pinned_threads: an autouse fix
     data_overrides,
     make_tiny_npz,
     pinned_threads,
-    reference_run,
     run_cli,
     run_forked,
     temp_files,
@@ -38,11 +37,6 @@ from reliability_support import (  # noqa: F401  (pinned_threads: an autouse fix
 from resnet_repro import faults
 from resnet_repro.checkpoint import state_digest
 from resnet_repro.optim import Warmup
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, sample_npz):
-    return reference_run(tmp_path_factory, sample_npz)
 
 
 def test_the_canonical_run_has_the_shape_the_kill_points_assume(reference):

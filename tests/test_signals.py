@@ -21,7 +21,6 @@ from reliability_support import (  # noqa: F401  (pinned_threads: an autouse fix
     data_overrides,
     make_tiny_npz,
     pinned_threads,
-    reference_run,
     run_forked,
     train_in_process,
 )
@@ -30,11 +29,6 @@ import resnet_repro.train as train_module
 from resnet_repro import faults
 from resnet_repro.checkpoint import state_digest
 from resnet_repro.engine import Preempted
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, sample_npz):
-    return reference_run(tmp_path_factory, sample_npz)
 
 
 def test_sigusr1_checkpoints_at_the_next_step_boundary_and_the_rerun_is_bit_exact(reference, tmp_path):
