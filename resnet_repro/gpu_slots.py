@@ -9,8 +9,9 @@ keeps it until its run ends. Slots are `flock` locks on files named by the GPU's
 - separate sweeps on one machine (or Slurm jobs on one node) share the same accounting of each physical GPU;
 - a job that finds every slot busy waits for one instead of oversubscribing a GPU.
 
-The directory is `$RESNET_REPRO_SLOT_DIR` (default: `resnet_repro-gpu-slots` in the system temp folder) and K is
-`$RESNET_REPRO_RUNS_PER_GPU` (default 1), the same variable that sizes the local launcher's `n_jobs`.
+The directory is `$RESNET_REPRO_SLOT_DIR` (default: `resnet_repro-gpu-slots-<uid>` in the system temp folder, one
+per user, since another user's lock files are not ours to open) and K is `$RESNET_REPRO_RUNS_PER_GPU` (default 1),
+the same variable that sizes the local launcher's `n_jobs`.
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ class GpuSlot:
 
 
 def default_slot_dir() -> Path:
-    """`$RESNET_REPRO_SLOT_DIR`, or a folder in the system temp directory shared by every job of this machine."""
-    return Path(os.environ.get(SLOT_DIR_ENV) or Path(tempfile.gettempdir()) / "resnet_repro-gpu-slots")
+    """`$RESNET_REPRO_SLOT_DIR`, or this user's folder in the system temp directory (shared by all their jobs)."""
+    return Path(os.environ.get(SLOT_DIR_ENV) or Path(tempfile.gettempdir()) / f"resnet_repro-gpu-slots-{os.getuid()}")
 
 
 def parse_runs_per_gpu(raw: int | str) -> int:
