@@ -7,7 +7,7 @@
 #   device tool: run  command="bash scripts/gpu_session.sh A"  carry=[".device"]  timeout_s=590
 #                run  command="bash scripts/gpu_session.sh B"  carry=[".device"]  timeout_s=590
 #
-# A: CUDA correctness gates (pytest -m gpu), then `make bench` for ResNet-20 and ResNet-110 (every config).
+# A: CUDA correctness gates and the runner learning on CUDA, eager and compiled (pytest -m gpu), then `make bench` for ResNet-20 and ResNet-110 (every config).
 # B: K runs per GPU (aggregate img/s, K = 1,2,4,8), then one full 64k-iteration ResNet-20 on CIFAR-10 (JPEG
 #    re-encoded) through the real runner; a run cut off by its limit comes back with its checkpoint and resumes
 #    when B is run again with $OUT/runs copied back into runs/ (or RUNS_DIR pointed at it).
@@ -27,6 +27,7 @@ if [ -d .device/wheels ] && ! "$PY" -c "import hydra, omegaconf" 2>/dev/null; th
   export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
+if [ -f .device/data/cifar10_sample.npz ]; then export RESNET_REPRO_SAMPLE_NPZ=$PWD/.device/data/cifar10_sample.npz; fi
 
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$OUT/session.log"; }
 
@@ -61,10 +62,10 @@ A)
   step env 60 bash -c "nvidia-smi -L; nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu \
 --format=csv; $PY -c 'import torch, torchvision; print(torch.__version__, torchvision.__version__, \
 torch.version.cuda, torch.backends.cudnn.version(), torch.cuda.is_available())'"
-  step pytest-gpu 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
-  step "bench-$arch_a" 170 "$PY" scripts/bench.py --arches "$arch_a" --ks '' --profile "${bench_sizes[@]}" \
+  step pytest-gpu 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
+  step "bench-$arch_a" 160 "$PY" scripts/bench.py --arches "$arch_a" --ks '' --profile "${bench_sizes[@]}" \
     --out "$OUT/bench" --tag "gpu-$arch_a"
-  step "bench-$arch_b" 220 "$PY" scripts/bench.py --arches "$arch_b" --ks '' --profile "${bench_sizes[@]}" \
+  step "bench-$arch_b" 230 "$PY" scripts/bench.py --arches "$arch_b" --ks '' --profile "${bench_sizes[@]}" \
     --out "$OUT/bench" --tag "gpu-$arch_b"
   ;;
 B)

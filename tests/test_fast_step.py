@@ -300,3 +300,43 @@ def _graph_vs_eager(dev: torch.device) -> None:
         assert rel(p_graph, p_ref) <= FP_TOL
     for b_ref, b_graph in zip(models[0].buffers(), models[1].buffers(), strict=True):
         assert rel(b_graph.float(), b_ref.float()) <= FP_TOL
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cuda_bf16_channels_last_step_within_documented_tolerance(seed: int) -> None:
+    """The runner's CUDA step (bf16 autocast, channels_last, fused SGD) against the fp32 eager step on CUDA.
+
+    TF32 is switched off for the reference, so the band measures bf16 alone (the same band as on CPU)."""
+    dev = torch.device("cuda")
+    model = fresh_model(8, seed=seed, device=dev)
+    x, y = batch(32, seed=seed, device=dev)
+    ref, low = copy.deepcopy(model), copy.deepcopy(model).to(memory_format=torch.channels_last)
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        ref_grads, ref_loss = fast_step(ref, x, y, "fp32", fused=False)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    low_grads, low_loss = fast_step(low, x, y, "bf16", fused=True)
+    g_ref, g_low = torch.cat([g.flatten() for g in ref_grads]), torch.cat([g.flatten() for g in low_grads])
+    assert abs(low_loss - ref_loss) / ref_loss <= BF16_LOSS_TOL
+    assert rel(g_low, g_ref) <= BF16_GLOBAL_TOL
+    assert F.cosine_similarity(g_low, g_ref, dim=0).item() >= BF16_COSINE_MIN
+    assert max(rel(a, b) for a, b in zip(low_grads, ref_grads, strict=True)) <= BF16_TENSOR_TOL
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_compiled_step_equals_eager_step_in_float64() -> None:
+    """torch.compile (Inductor's fused kernels) changes no math: in float64 it matches the eager step to 1e-5."""
+    dev = torch.device("cuda")
+    model = fresh_model(8, seed=5, dtype=torch.float64, device=dev)
+    x, y = batch(32, seed=5, dtype=torch.float64, device=dev)
+    ref, fast = copy.deepcopy(model), copy.deepcopy(model)
+    ref_grads = eager_step(ref, x, y)
+    step = TrainStep(torch.compile(fast), make_sgd(fast, LR, MOMENTUM, WD, fused=True), "fp32", dev)
+    _, _, bad = step(x, y)
+    assert not bool(bad)
+    assert_same_step(ref, ref_grads, fast, [p.grad for p in fast.parameters()], FP_TOL)
