@@ -3,9 +3,10 @@
 The baseline is written from the usual public recipe: a torchvision `CIFAR10`-style dataset of PIL images,
 `RandomCrop(32, padding=4)`, `RandomHorizontalFlip`, `ToTensor`, `Normalize`, a `DataLoader` with workers
 (and pinned memory on CUDA), fp32 eager, `torch.optim.SGD` with default flags, `loss.item()` every step.
-Ours is `engine.TrainStep` fed by `data.DeviceData.train_batch`, with the speed features switched on one at a
-time, cumulatively. All configurations live in the same process on the same device; after a warm-up they are
-timed in rounds (baseline, ours-1, ours-2, ..., then again), so drift of the machine shows in every row.
+Ours is the runner's own iteration (`step.EagerIteration`; `step.GraphedIteration` for the CUDA-graph rows), with
+the speed features switched on one at a time, cumulatively. All configurations live in the same process on the
+same device; after a warm-up they are timed in rounds (baseline, ours-1, ours-2, ..., then again), so drift of
+the machine shows in every row.
 
 Also measured: the time to write `checkpoints/last.pt` per architecture (its share of wall time at the default
 checkpoint interval), and the aggregate throughput of K training processes sharing one device.
@@ -42,10 +43,16 @@ import numpy as np
 import torch
 
 from resnet_repro.checkpoint import CHECKPOINT_NAME, save_checkpoint
-from resnet_repro.data import DeviceData, ImageArrays, crop_and_flip
-from resnet_repro.engine import Accumulators, RunState, TrainStep
+from resnet_repro.data import DeviceData, ImageArrays
+from resnet_repro.engine import RunState
 from resnet_repro.models import build_model, count_parameters
-from resnet_repro.optim import Schedule, make_sgd, set_lr
+from resnet_repro.optim import Schedule, make_sgd
+from resnet_repro.step import (
+    Accumulators,
+    EagerIteration,
+    GraphedIteration,
+    TrainStep,
+)
 from resnet_repro.tracking import environment_info, git_sha, now_iso
 
 log = logging.getLogger(__name__)
@@ -292,89 +299,8 @@ class BaselineRunner:
 
 
 # ----------------------------------------------------------------------------------------------------------- ours
-def augment_indexed(data: DeviceData, idx: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: torch.Tensor):
-    """`DeviceData.train_batch`'s image work for given stream indices (what the CUDA graph captures)."""
-    return crop_and_flip(data.normalizer(data.x_train[idx]), oy, ox, flip), data.y_train[idx]
-
-
-def accumulate(acc: Accumulators, loss_sum: torch.Tensor, wrong: torch.Tensor, bad: torch.Tensor, n: int) -> None:
-    """The device-side bookkeeping `engine.fit` does after every step (kept in sync with fit by hand)."""
-    acc.loss_sum += loss_sum
-    acc.wrong += wrong
-    acc.seen += n
-    acc.first_bad.copy_(torch.where((acc.first_bad < 0) & bad, acc.step_counter, acc.first_bad))
-    acc.step_counter += 1
-
-
-class GraphedStep:
-    """Augmentation + forward + backward + fused SGD (+ fit's accumulators) captured in one CUDA graph.
-
-    Static buffers hold the batch's stream indices, crop offsets and flips; each iteration copies them in (four
-    small device-to-device copies) and replays the graph. The learning rate is a device tensor read by the fused
-    kernel, so `set_lr` of optim.py must not be used with this step (it would replace the tensor by a float that
-    the graph never sees): use `GraphedStep.set_lr`. Capture runs a few warm-up steps on a side stream, which
-    train the model; a runner that adopts this must snapshot and restore the state around capture.
-    Prototype for the benchmark: `engine.fit` does not use it yet.
-    """
-
-    def __init__(self, step: TrainStep, data: DeviceData, batch_size: int, acc: Accumulators, warmup: int = 3) -> None:
-        if step.device.type != "cuda":
-            raise ValueError("CUDA graphs need a CUDA device")
-        if not step.guard_in_optimizer:
-            raise ValueError("CUDA graph capture needs fused SGD (its non-finite guard has no host sync)")
-        self.step, self.data, self.batch_size, self.acc = step, data, batch_size, acc
-        device = data.device
-        self._lr: float | None = None
-        for group in step.optimizer.param_groups:
-            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
-        self.idx = torch.zeros(batch_size, dtype=torch.int64, device=device)
-        self.oy, self.ox = torch.zeros_like(self.idx), torch.zeros_like(self.idx)
-        self.flip = torch.zeros(batch_size, dtype=torch.bool, device=device)
-        self._load(0)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                self._body()
-        torch.cuda.current_stream(device).wait_stream(side)
-        step.optimizer.zero_grad(set_to_none=True)  # gradients are then allocated inside the graph's pool
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: the baseline's DataLoader pin-memory thread may pin host memory while this thread captures
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self._body()
-        torch.cuda.synchronize(device)
-        self.capture_peak_extra = torch.cuda.max_memory_allocated(device) - base
-
-    def _load(self, iteration: int) -> None:
-        idx, oy, ox, flip = self.data.stream_indices(iteration * self.batch_size, self.batch_size)
-        self.idx.copy_(idx, non_blocking=True)
-        self.oy.copy_(oy, non_blocking=True)
-        self.ox.copy_(ox, non_blocking=True)
-        self.flip.copy_(flip, non_blocking=True)
-
-    def _body(self) -> None:
-        images, labels = augment_indexed(self.data, self.idx, self.oy, self.ox, self.flip)
-        loss_sum, wrong, bad = self.step(images, labels)
-        accumulate(self.acc, loss_sum, wrong, bad, self.batch_size)
-
-    def set_lr(self, lr: float) -> None:
-        """Write the learning rate into the device tensor the graph reads (only when it changes)."""
-        if lr != self._lr:
-            for group in self.step.optimizer.param_groups:
-                group["lr"].fill_(lr)
-            self._lr = lr
-
-    def __call__(self, iteration: int) -> None:
-        """Run iteration `iteration`: load its indices, replay."""
-        self._load(iteration)
-        self.graph.replay()
-
-
 class OursRunner:
-    """Our runner's per-iteration work, as in `engine.fit` minus logging: set_lr, train_batch, TrainStep, sums."""
+    """Our runner's per-iteration work, as `engine.fit` runs it minus logging: the same iteration classes."""
 
     def __init__(self, arch: str, depth: int, variant: Variant, data: DeviceData, batch_size: int) -> None:
         self.variant, self.batch_size, self.device = variant, batch_size, data.device
@@ -390,7 +316,7 @@ class OursRunner:
         self.schedule = Schedule(BASE_LR, list(MILESTONES), GAMMA)
         self.acc = Accumulators.zeros(self.device, 0)
         self.iteration = 0
-        self.graphed: GraphedStep | None = None
+        self.iterate: EagerIteration | GraphedIteration = EagerIteration(self.step, self.data, self.acc, batch_size)
         self.one_time_note = {
             (False, False): "first steps",
             (True, False): "compile (forward + backward)",
@@ -398,15 +324,20 @@ class OursRunner:
             (False, True): "graph capture",
         }[(variant.compile, variant.graphs)]
 
+    @property
+    def capture_peak_extra(self) -> int:
+        """Device bytes the graph capture needed beyond the model's state (0 without a graph)."""
+        return getattr(self.iterate, "capture_peak_extra", 0)
+
     def cudnn_benchmark(self) -> bool:
         """train.py leaves cuDNN autotuning at torch's default."""
         return OURS_CUDNN_BENCHMARK
 
     def prepare(self, warmup: int) -> None:
-        """Warm-up iterations (compilation happens here), then graph capture for the graph variant."""
+        """Warm-up iterations (compilation happens here), then graph capture for the graph variants."""
         if self.variant.graphs:
             self.run(max(warmup - 3, 1))
-            self.graphed = GraphedStep(self.step, self.data, self.batch_size, self.acc)
+            self.iterate = GraphedIteration(self.step, self.data, self.acc, self.batch_size, capture=True)
             self.run(2)
         else:
             self.run(warmup)
@@ -414,16 +345,7 @@ class OursRunner:
     def run(self, iters: int) -> None:
         """`iters` iterations of fit's loop body (no logging, evaluation or checkpoints)."""
         for _ in range(iters):
-            it = self.iteration
-            lr = self.schedule.lr(it)
-            if self.graphed is not None:
-                self.graphed.set_lr(lr)
-                self.graphed(it)
-            else:
-                set_lr(self.optimizer, lr)
-                images, labels = self.data.train_batch(it, self.batch_size)
-                loss_sum, wrong, bad = self.step(images, labels)
-                accumulate(self.acc, loss_sum, wrong, bad, labels.shape[0])
+            self.iterate(self.iteration, self.schedule.lr(self.iteration))
             self.iteration += 1
 
     def resident_bytes(self) -> int:
@@ -437,14 +359,10 @@ class OursRunner:
         rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        optimizer_state = self.optimizer.state_dict()
-        for group in optimizer_state["param_groups"]:  # a graphed step holds lr as a tensor
-            if isinstance(group.get("lr"), torch.Tensor):
-                group["lr"] = float(group["lr"])
         return {
             "config_fingerprint": "0" * 64,
             "model": self.model.state_dict(),
-            "optimizer": optimizer_state,
+            "optimizer": self.iterate.optimizer_state(),
             "scaler": {},
             "warmup": {},
             "rng": rng,
@@ -575,9 +493,7 @@ def measure_arch(
                 continue
             if device.type == "cuda":
                 extra = torch.cuda.max_memory_allocated(device) - base
-                graphed = getattr(runner, "graphed", None)
-                if graphed is not None:
-                    extra = max(extra, graphed.capture_peak_extra)
+                extra = max(extra, getattr(runner, "capture_peak_extra", 0))
                 peak = (extra + runner.resident_bytes()) / 2**20
                 row.peak_mem_mb = max(row.peak_mem_mb or 0.0, peak)
             row.windows_ms.append(ms)
@@ -911,8 +827,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         "machine's bursts; the headline is the median).",
         "",
         "- the runner today: train.py on CUDA runs config (3) (bf16 autocast, channels_last, fused SGD; "
-        "`trainer.compile=true` gives (4)); on CPU it runs fp32, contiguous, fused SGD. (5) and (5b) are a prototype "
-        "(`GraphedStep` in resnet_repro/benchmark.py) that `engine.fit` does not use yet.",
+        "`trainer.compile=true` gives (4), `trainer.cuda_graphs=true` (5b), both (5)); on CPU it runs fp32, "
+        "contiguous, fused SGD. Every row of ours runs the iteration classes of resnet_repro/step.py that fit runs.",
         "",
         "## Throughput",
         "",

@@ -107,6 +107,9 @@ class TrainerConfig:
     precision: Precision = Precision.auto
     channels_last: bool | None = None  # null = on for CUDA
     compile: bool = False  # torch.compile the model
+    # Capture the whole iteration (augmentation, forward, backward, fused SGD, sums) in one CUDA graph and replay
+    # it (resnet_repro/step.py): removes the per-kernel launch cost. CUDA only, one process, not with fp16.
+    cuda_graphs: bool = False
     log_every: int = 100  # iterations between training-error/loss log points (and host syncs)
     eval_every: int = 2000  # iterations between test (and val) evaluations; always at the end too
     checkpoint_every: int = 2000  # iterations between checkpoints; always at the end too
@@ -230,6 +233,12 @@ def validate(cfg: TrainConfig, world_size: int = 1, cuda_available: bool | None 
         precision.value,
         "fp16 needs CUDA; on CPU use fp32 (or bf16)",
     )
+    if t.cuda_graphs:
+        _require(not on_cpu, "trainer.cuda_graphs", True, "CUDA graphs need a GPU; use trainer.cuda_graphs=false")
+        _require(world_size == 1, "trainer.cuda_graphs", True, "one process only; with torchrun use false")
+        _require(
+            precision is not Precision.fp16, "trainer.cuda_graphs", True, "not with trainer.precision=fp16; use bf16"
+        )
     if cfg.fail_at_iter is not None:
         _require(cfg.fail_at_iter >= 0, "fail_at_iter", cfg.fail_at_iter, "null or an iteration >= 0")
 

@@ -237,9 +237,13 @@ class DeviceData:
     def train_batch(self, iteration: int, batch_size: int, rank: int = 0, world_size: int = 1):
         """The (images, labels) of `iteration`: this rank's slice of the global batch, normalised and augmented."""
         per_rank = batch_size // world_size
-        idx, oy, ox, flip = self.stream_indices(iteration * batch_size + rank * per_rank, per_rank)
-        images = self.normalizer(self.x_train[idx])
-        return crop_and_flip(images, oy, ox, flip), self.y_train[idx]
+        return self.gather(*self.stream_indices(iteration * batch_size + rank * per_rank, per_rank))
+
+    def gather(
+        self, idx: torch.Tensor, offset_y: torch.Tensor, offset_x: torch.Tensor, flip: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, labels) of training images `idx`, normalised, padded, cropped at the offsets, flipped."""
+        return crop_and_flip(self.normalizer(self.x_train[idx]), offset_y, offset_x, flip), self.y_train[idx]
 
     def eval_batches(self, split: str, batch_size: int):
         """Yield normalised, unaugmented (images, labels) of the test or val split."""

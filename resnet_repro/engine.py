@@ -23,7 +23,14 @@ import torch.nn.functional as F
 from resnet_repro import faults
 from resnet_repro.checkpoint import CHECKPOINT_NAME, atomic_write_json, load_checkpoint, save_checkpoint
 from resnet_repro.data import DeviceData
-from resnet_repro.optim import Schedule, set_lr
+from resnet_repro.optim import Schedule
+from resnet_repro.step import (
+    Accumulators,
+    EagerIteration,
+    GraphedIteration,
+    TrainStep,
+    autocast_context,
+)
 from resnet_repro.tracking import Progress, ScalarLog, now_iso
 
 log = logging.getLogger(__name__)
@@ -51,6 +58,7 @@ class LoopOptions:
     eval_every: int = 2000
     checkpoint_every: int = 2000
     precision: str = "fp32"  # fp32 | bf16 | fp16
+    cuda_graphs: bool = False  # GraphedIteration: captured on CUDA, its uncaptured body elsewhere (tests)
     progress: bool = True
     compute_responses: bool = True
     fail_at_iter: int | None = None
@@ -68,94 +76,6 @@ class DistInfo:
     def is_main(self) -> bool:
         """Only rank 0 writes files."""
         return self.rank == 0
-
-
-@dataclass
-class Accumulators:
-    """Device-side sums over the current logging interval, plus the first non-finite iteration (-1 = none)."""
-
-    loss_sum: torch.Tensor
-    wrong: torch.Tensor
-    seen: torch.Tensor
-    step_counter: torch.Tensor
-    first_bad: torch.Tensor
-
-    @classmethod
-    def zeros(cls, device: torch.device, iteration: int) -> Accumulators:
-        """Fresh accumulators; `step_counter` starts at `iteration`."""
-        z = torch.zeros((), device=device, dtype=torch.float64)
-        return cls(
-            z.clone(), z.clone(), z.clone(), torch.tensor(iteration, device=device), torch.tensor(-1, device=device)
-        )
-
-    def reset_interval(self) -> None:
-        """Zero the interval sums."""
-        for t in (self.loss_sum, self.wrong, self.seen):
-            t.zero_()
-
-
-def autocast_context(device: torch.device, precision: str):
-    """Autocast for bf16/fp16 (weights and BN stay fp32), nothing for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def nonfinite_flag(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
-    """Device bool: is the loss or any gradient NaN/inf? (no host sync)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    norms = torch.stack(torch._foreach_norm(grads)) if grads else loss.new_zeros(1)
-    return ~(torch.isfinite(loss) & torch.isfinite(norms).all())
-
-
-def zero_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
-    """Create SGD's momentum buffers as zeros before the first step (results are bit-identical: 0.9*0 + g = g).
-
-    Fused SGD skips an update whose `found_inf` is set (our non-finite guard, or GradScaler's overflow check,
-    which routinely fires on fp16's first step) but, on the very first step, still stores the buffers it
-    allocated with `torch.empty_like`: uninitialised memory that every later step would then add in.
-    """
-    for group in optimizer.param_groups:
-        if group.get("momentum", 0) != 0:
-            for p in group["params"]:
-                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-
-
-class TrainStep:
-    """One SGD iteration: forward, loss, backward, non-finite guard, update. Also what `make bench` times."""
-
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, precision: str, device: torch.device):
-        self.model, self.optimizer, self.precision, self.device = model, optimizer, precision, device
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-        self.guard_in_optimizer = getattr(optimizer, "_step_supports_amp_scaling", False) and self.scaler is None
-        if self.guard_in_optimizer or self.scaler is not None:
-            zero_momentum_buffers(optimizer)
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Run one iteration; returns device tensors (summed loss, number wrong, non-finite flag)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast_context(self.device, self.precision):
-            logits = self.model(images)
-            loss = F.cross_entropy(logits.float(), labels)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            bad = ~torch.isfinite(loss)
-            self.scaler.step(self.optimizer)  # skips the update itself on inf/NaN gradients
-            self.scaler.update()
-        else:
-            loss.backward()
-            bad = nonfinite_flag(loss, self.params)
-            if self.guard_in_optimizer:
-                # Fused SGD skips the whole update (weights and momentum) when found_inf is 1: no host sync.
-                self.optimizer.found_inf = bad.float()
-                self.optimizer.grad_scale = None
-                self.optimizer.step()
-            elif not bool(bad):
-                self.optimizer.step()
-        wrong = (logits.detach().argmax(dim=1) != labels).sum()
-        return loss.detach() * labels.shape[0], wrong, bad
 
 
 @torch.no_grad()
@@ -284,6 +204,16 @@ def fit(
         acc.loss_sum.fill_(saved["interval"]["loss_sum"])
         acc.wrong.fill_(saved["interval"]["wrong"])
         acc.seen.fill_(saved["interval"]["seen"])
+    model.train()  # before a graph is captured: it records the training-mode kernels
+    per_rank_batch = options.batch_size // dist_info.world_size
+    if options.cuda_graphs:
+        if dist_info.world_size > 1:
+            raise ValueError("CUDA graphs are for one process; DDP runs the eager iteration")
+        run_iteration: EagerIteration | GraphedIteration = GraphedIteration(
+            step, data, acc, options.batch_size, capture=device.type == "cuda"
+        )
+    else:
+        run_iteration = EagerIteration(step, data, acc, options.batch_size, dist_info.rank, dist_info.world_size)
 
     def checkpoint() -> None:
         if dist_info.is_main:
@@ -292,7 +222,7 @@ def fit(
                 {
                     "config_fingerprint": fingerprint,
                     "model": plain_model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
+                    "optimizer": run_iteration.optimizer_state(),
                     "scaler": step.scaler.state_dict() if step.scaler is not None else {},
                     "warmup": schedule.warmup.state_dict() if schedule.warmup is not None else {},
                     "rng": _rng_state(),
@@ -305,7 +235,6 @@ def fit(
 
     scalars = ScalarLog(run_dir, dist_info.is_main, state.iteration)
     progress = Progress(options.max_iter, state.iteration, options.progress and dist_info.is_main, options.description)
-    model.train()
     interval_start = time.perf_counter()
     run_start = time.perf_counter() - state.elapsed_s
     try:
@@ -316,17 +245,10 @@ def fit(
                 if options.fail_at_iter is not None and it == options.fail_at_iter:
                     raise RuntimeError(f"fault injected at iteration {it} (fail_at_iter)")
                 lr = schedule.lr(it)
-                set_lr(optimizer, lr)
-                images, labels = data.train_batch(it, options.batch_size, dist_info.rank, dist_info.world_size)
-                loss_sum, wrong, bad = step(images, labels)
-                acc.loss_sum += loss_sum
-                acc.wrong += wrong
-                acc.seen += labels.shape[0]
-                acc.first_bad.copy_(torch.where((acc.first_bad < 0) & bad, acc.step_counter, acc.first_bad))
-                acc.step_counter += 1
+                wrong = run_iteration(it, lr)
                 state.iteration = it + 1
                 if schedule.warmup is not None and schedule.warmup.active:
-                    err = 100.0 * _all_reduce(wrong.item() / labels.shape[0], device, dist_info, "mean")
+                    err = 100.0 * _all_reduce(wrong.item() / per_rank_batch, device, dist_info, "mean")
                     schedule.warmup.observe(it, [err])
                 done = state.iteration == options.max_iter
                 if state.iteration % options.log_every == 0 or done:

@@ -219,6 +219,7 @@ def _train_on(cfg: TrainConfig, run_dir: Path, dist_info: DistInfo, device: torc
         eval_every=cfg.trainer.eval_every,
         checkpoint_every=cfg.trainer.checkpoint_every,
         precision=precision.value,
+        cuda_graphs=cfg.trainer.cuda_graphs,
         progress=cfg.trainer.progress,
         compute_responses=cfg.responses,
         fail_at_iter=cfg.fail_at_iter,

@@ -64,6 +64,8 @@ CASES = [
     ("fp16-on-cpu", ["trainer.precision=fp16", "trainer.device=cpu"], ["trainer.precision='fp16'", "fp16 needs CUDA"]),
     ("cuda-without-gpu", ["trainer.device=cuda"], ["trainer.device='cuda'", "trainer.device=cpu or auto"]),
     ("unknown-device", ["trainer.device=tpu"], ["trainer.device", "auto, cuda, cpu"]),
+    ("cuda-graphs-on-cpu", ["trainer.cuda_graphs=true", "trainer.device=cpu"],
+     ["trainer.cuda_graphs=True", "CUDA graphs need a GPU"]),
     ("log-every-zero", ["trainer.log_every=0"], ["trainer.log_every=0", "positive number of iterations"]),
     ("seed-float", ["seed=1.5"], ["seed", "Integer"]),
 ]

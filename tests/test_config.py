@@ -116,3 +116,18 @@ def test_bad_depth_message_lists_nearest_valid_depths():
     cfg = compose_train(["model.depth=21"])
     with pytest.raises(ConfigError, match=r"20.*26"):
         validate(cfg, cuda_available=False)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world_size", "why"),
+    [
+        (["trainer.cuda_graphs=true", "trainer.precision=fp16"], 1, "not with trainer.precision=fp16"),
+        (["trainer.cuda_graphs=true"], 2, "one process only"),
+        (["trainer.cuda_graphs=true", "trainer.device=cpu"], 1, "CUDA graphs need a GPU"),
+    ],
+)
+def test_cuda_graphs_combinations_are_checked_as_if_on_a_gpu(overrides, world_size, why):
+    cfg = compose_train(overrides)
+    with pytest.raises(ConfigError, match=rf"trainer\.cuda_graphs=True.*{re.escape(why)}"):
+        validate(cfg, world_size=world_size, cuda_available=True)
+    validate(compose_train(["trainer.cuda_graphs=true"]), cuda_available=True)  # bf16 on one GPU is fine

@@ -1,4 +1,4 @@
-"""The real runner on CUDA (bf16, channels_last, fused SGD; with and without torch.compile): it learns on real
+"""The real runner on CUDA (bf16, channels_last, fused SGD; eager, compiled, CUDA-graphed): it learns on real
 CIFAR-10 images and records what it ran. Marked `gpu`: skipped without CUDA (scripts/gpu_session.sh runs them)."""
 
 from __future__ import annotations
@@ -16,15 +16,17 @@ from resnet_repro.train import train
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_the_runner_learns_on_cuda(sample_npz: Path, tmp_path: Path, compiled: bool) -> None:
+@pytest.mark.parametrize(
+    "speed", [[], ["trainer.compile=true"], ["trainer.cuda_graphs=true"]], ids=["eager", "compiled", "graphed"]
+)
+def test_the_runner_learns_on_cuda(sample_npz: Path, tmp_path: Path, speed: list[str]) -> None:
     """ResNet-20, batch 128, lr 0.1 then 0.01, 200 iterations on the 5,085 sample images: far below chance (90 %).
 
     The anchor (brief): a plain PyTorch ResNet-20 reaches about 55 % test error on the sample after 200 iterations.
     """
     cfg = compose_config(
         ["data=npz", f"data.path={sample_npz}", "trainer.progress=false", "optim.max_iter=200",
-         "optim.milestones=[150,190]", "trainer.eval_every=100", "trainer.log_every=50", f"trainer.compile={compiled}"]
+         "optim.milestones=[150,190]", "trainer.eval_every=100", "trainer.log_every=50", *speed]
     )
     metrics = train(cfg, tmp_path / "run", DistInfo())
     written = json.loads((tmp_path / "run" / METRICS_NAME).read_text())

@@ -25,11 +25,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resnet_repro.benchmark import GraphedStep, augment_indexed, random_cifar
+from resnet_repro.benchmark import random_cifar
 from resnet_repro.data import PAD, DeviceData, crop_and_flip, plan_epoch
-from resnet_repro.engine import Accumulators, TrainStep
 from resnet_repro.models import build_model
 from resnet_repro.optim import lr_at, make_sgd, set_lr
+from resnet_repro.step import Accumulators, EagerIteration, GraphedIteration, TrainStep
 
 LR, MOMENTUM, WD = 0.1, 0.9, 1e-4
 FP_TOL = 1e-5
@@ -219,7 +219,7 @@ def test_augmentation_ignores_memory_format_and_graph_path() -> None:
     normalized = data.normalizer(data.x_train[idx])
     cl = crop_and_flip(normalized.contiguous(memory_format=torch.channels_last), oy, ox, flip)
     assert torch.equal(cl, images)
-    graph_images, graph_labels = augment_indexed(data, idx, oy, ox, flip)
+    graph_images, graph_labels = data.gather(idx, oy, ox, flip)
     assert torch.equal(graph_images, images) and torch.equal(graph_labels, labels)
 
 
@@ -286,20 +286,19 @@ def _graph_vs_eager(dev: torch.device) -> None:
     opts = [make_sgd(m, LR, MOMENTUM, WD, fused=True) for m in models]
     steps = [TrainStep(m, o, "fp32", dev) for m, o in zip(models, opts, strict=True)]
     accs = [Accumulators.zeros(dev, 0) for _ in range(2)]
-    for _ in range(3):  # the graph's capture trains 3 warm-up steps on batch 0: do the same to the reference
-        steps[0](*data.train_batch(0, 32))
-    graphed = GraphedStep(steps[1], data, 32, accs[1], warmup=3)
-    lrs = [0.1, 0.1, 0.01, 0.01]
-    for i, lr in enumerate(lrs):  # capture itself is not a step: iteration 0's batch is only loaded then
-        set_lr(opts[0], lr)
-        steps[0](*data.train_batch(i + 1, 32))
-        graphed.set_lr(lr)
-        graphed(i + 1)
+    eager = EagerIteration(steps[0], data, accs[0], 32)
+    graphed = GraphedIteration(steps[1], data, accs[1], 32, capture=True)  # its warm-up steps are undone
+    assert graphed.graph is not None
+    for i, lr in enumerate([0.1, 0.1, 0.01, 0.01, 0.001]):
+        eager(i, lr)
+        graphed(i, lr)
     torch.cuda.synchronize()
     for p_ref, p_graph in zip(models[0].parameters(), models[1].parameters(), strict=True):
         assert rel(p_graph, p_ref) <= FP_TOL
     for b_ref, b_graph in zip(models[0].buffers(), models[1].buffers(), strict=True):
         assert rel(b_graph.float(), b_ref.float()) <= FP_TOL
+    for a_ref, a_graph in zip(accs[0].tensors(), accs[1].tensors(), strict=True):
+        assert rel(a_graph, a_ref) <= FP_TOL
 
 
 @pytest.mark.gpu

@@ -26,9 +26,9 @@ from reliability_support import (  # noqa: F401  (pinned_threads: an autouse fix
 )
 
 import resnet_repro.train as train_module
-from resnet_repro.engine import TrainStep
 from resnet_repro.models import build_model
 from resnet_repro.optim import make_sgd
+from resnet_repro.step import TrainStep
 from resnet_repro.sweep import EXIT_SWEEP_FAILED
 
 CPU = torch.device("cpu")

@@ -1,0 +1,85 @@
+"""The CUDA-graph iteration's logic, checked on CPU: its body (static index buffers, the rate as a device tensor
+read by fused SGD, device-side sums) equals the eager iteration bit for bit, inside `fit` too, and a run that uses
+it resumes exactly. Only the capture itself needs a GPU (tests/test_fast_step.py, marked `gpu`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from resnet_repro.benchmark import random_cifar
+from resnet_repro.checkpoint import state_digest
+from resnet_repro.data import DeviceData, load_npz
+from resnet_repro.engine import LoopOptions, fit
+from resnet_repro.models import build_model
+from resnet_repro.optim import Schedule, make_sgd
+from resnet_repro.step import Accumulators, EagerIteration, GraphedIteration, TrainStep
+
+CPU = torch.device("cpu")
+
+
+def _training(seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model("resnet", 8)
+    optimizer = make_sgd(model, 0.1, 0.9, 1e-4, fused=True)
+    step = TrainStep(model, optimizer, "fp32", CPU)
+    return model, optimizer, step, Accumulators.zeros(CPU, 0)
+
+
+def test_graphed_body_equals_the_eager_iteration_bit_for_bit() -> None:
+    data = DeviceData(random_cifar(80, 8, seed=1), None, CPU, "pixel_mean", True, seed=2)
+    (m_eager, _, s_eager, a_eager), (m_graph, o_graph, s_graph, a_graph) = _training(), _training()
+    eager = EagerIteration(s_eager, data, a_eager, 16)
+    graphed = GraphedIteration(s_graph, data, a_graph, 16, capture=False)
+    schedule = Schedule(0.1, [3, 5], 0.1)
+    for it in range(7):  # crosses both milestones and an epoch boundary (80 images = 5 batches)
+        w_eager, w_graph = eager(it, schedule.lr(it)), graphed(it, schedule.lr(it))
+        assert torch.equal(w_eager, w_graph), it
+    for (name, a), b in zip(m_eager.state_dict().items(), m_graph.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    for a, b in zip(a_eager.tensors(), a_graph.tensors(), strict=True):
+        assert torch.equal(a, b)
+    assert isinstance(o_graph.param_groups[0]["lr"], torch.Tensor)
+    assert float(o_graph.param_groups[0]["lr"]) == pytest.approx(0.001)
+    assert graphed.optimizer_state()["param_groups"][0]["lr"] == eager.optimizer_state()["param_groups"][0]["lr"]
+    assert isinstance(o_graph.param_groups[0]["lr"], torch.Tensor)  # the live optimizer keeps its tensor
+
+
+def test_graphed_iteration_refuses_an_optimizer_without_the_device_side_guard() -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet", 8)
+    step = TrainStep(model, make_sgd(model, 0.1, 0.9, 1e-4, fused=False), "fp32", CPU)
+    data = DeviceData(random_cifar(32, 8), None, CPU, "pixel_mean", True, seed=0)
+    with pytest.raises(ValueError, match="fused SGD"):
+        GraphedIteration(step, data, Accumulators.zeros(CPU, 0), 16, capture=False)
+
+
+def _fit(run_dir: Path, npz: Path, cuda_graphs: bool, max_iter: int) -> str:
+    arrays = load_npz(npz)
+    data = DeviceData(arrays, None, CPU, "pixel_mean", True, seed=0)
+    torch.manual_seed(0)
+    model = build_model("resnet", 8)
+    optimizer = make_sgd(model, 0.1, 0.9, 1e-4, fused=True)
+    options = LoopOptions(
+        max_iter=max_iter, batch_size=16, eval_batch_size=500, log_every=4, eval_every=6, checkpoint_every=6,
+        progress=False, compute_responses=False, cuda_graphs=cuda_graphs,
+    )
+    fit(model, optimizer, Schedule(0.1, [8, 10], 0.1), data, run_dir, options, "f" * 64, {"arch": "resnet"})
+    return state_digest(run_dir / "checkpoints" / "last.pt")
+
+
+def test_fit_with_the_graphed_iteration_equals_eager_fit_and_resumes_exactly(sample_npz: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    npz = tmp_path / "small.npz"
+    with np.load(sample_npz) as z:
+        np.savez(npz, x_train=z["x_train"][:160], y_train=z["y_train"][:160], x_test=z["x_test"][:100],
+                 y_test=z["y_test"][:100])
+    eager = _fit(tmp_path / "eager", npz, cuda_graphs=False, max_iter=12)
+    graphed = _fit(tmp_path / "graphed", npz, cuda_graphs=True, max_iter=12)
+    assert graphed == eager
+    _fit(tmp_path / "resumed", npz, cuda_graphs=True, max_iter=6)  # stops with a checkpoint at 6
+    assert _fit(tmp_path / "resumed", npz, cuda_graphs=True, max_iter=12) == eager
+    assert _fit(tmp_path / "other", npz, cuda_graphs=True, max_iter=10) != eager  # the digest tells runs apart
