@@ -62,11 +62,14 @@ class Accumulators:
 
 
 def autocast_context(device: torch.device, precision: str):
-    """Autocast for bf16/fp16 (weights and BN stay fp32), nothing for fp32."""
+    """Autocast for bf16/fp16 (weights and BN stay fp32), nothing for fp32.
+
+    The cast-weight cache is off: PyTorch's CUDA-graph notes require that for captured autocast regions, and it
+    saves nothing here (each weight is used once per forward pass)."""
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=False)
 
 
 def nonfinite_flag(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
