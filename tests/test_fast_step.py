@@ -92,6 +92,15 @@ def assert_same_step(ref: torch.nn.Module, ref_grads, fast: torch.nn.Module, fas
             assert torch.equal(b_fast, b_ref), name
 
 
+def assert_within_bf16_band(ref_grads, ref_loss: float, low_grads, low_loss: float) -> None:
+    """A bf16 step's loss and gradients lie within the documented band around the fp32 step's."""
+    g_ref, g_low = torch.cat([g.flatten() for g in ref_grads]), torch.cat([g.flatten() for g in low_grads])
+    assert abs(low_loss - ref_loss) / ref_loss <= BF16_LOSS_TOL
+    assert rel(g_low, g_ref) <= BF16_GLOBAL_TOL
+    assert F.cosine_similarity(g_low, g_ref, dim=0).item() >= BF16_COSINE_MIN
+    assert max(rel(a, b) for a, b in zip(low_grads, ref_grads, strict=True)) <= BF16_TENSOR_TOL
+
+
 @pytest.mark.parametrize(("depth", "n"), [(8, 32), (20, 8)])
 def test_channels_last_fused_step_equals_eager_step_in_float64(depth: int, n: int) -> None:
     """Speed features change no math: channels_last + fused SGD + TrainStep == contiguous + for-loop SGD."""
@@ -123,11 +132,7 @@ def test_bf16_autocast_gradients_within_documented_tolerance(seed: int) -> None:
     ref, low = copy.deepcopy(model), copy.deepcopy(model)
     ref_grads, ref_loss = fast_step(ref, x, y, "fp32", fused=True)
     low_grads, low_loss = fast_step(low, x, y, "bf16", fused=True)
-    g_ref, g_low = torch.cat([g.flatten() for g in ref_grads]), torch.cat([g.flatten() for g in low_grads])
-    assert abs(low_loss - ref_loss) / ref_loss <= BF16_LOSS_TOL
-    assert rel(g_low, g_ref) <= BF16_GLOBAL_TOL
-    assert F.cosine_similarity(g_low, g_ref, dim=0).item() >= BF16_COSINE_MIN
-    assert max(rel(a, b) for a, b in zip(low_grads, ref_grads, strict=True)) <= BF16_TENSOR_TOL
+    assert_within_bf16_band(ref_grads, ref_loss, low_grads, low_loss)
     assert all(p.dtype == torch.float32 for p in low.parameters())  # autocast keeps fp32 master weights
 
 
@@ -256,14 +261,20 @@ def test_cuda_augmentation_and_plan_equal_cpu() -> None:
 
 @pytest.mark.gpu
 @needs_cuda
-def test_cuda_channels_last_fused_step_equals_eager_step_in_float64() -> None:
-    """The float64 gate on CUDA (cuDNN's NHWC kernels)."""
+@pytest.mark.parametrize("fast_path", ["channels_last", "compiled"])
+def test_cuda_fast_step_equals_eager_step_in_float64(fast_path: str) -> None:
+    """The float64 gate on CUDA: cuDNN's NHWC kernels, or Inductor's fused kernels (torch.compile), change no math."""
     dev = torch.device("cuda")
     model = fresh_model(8, seed=0, dtype=torch.float64, device=dev)
     x, y = batch(32, seed=0, dtype=torch.float64, device=dev)
-    ref, fast = copy.deepcopy(model), copy.deepcopy(model).to(memory_format=torch.channels_last)
+    ref, fast = copy.deepcopy(model), copy.deepcopy(model)
     ref_grads = eager_step(ref, x, y)
-    fast_grads, _ = fast_step(fast, x, y, "fp32", fused=True)
+    if fast_path == "channels_last":
+        fast_grads, _ = fast_step(fast.to(memory_format=torch.channels_last), x, y, "fp32", fused=True)
+    else:
+        step = TrainStep(torch.compile(fast), make_sgd(fast, LR, MOMENTUM, WD, fused=True), "fp32", dev)
+        assert not bool(step(x, y)[2])
+        fast_grads = [p.grad for p in fast.parameters()]
     assert_same_step(ref, ref_grads, fast, fast_grads, FP_TOL)
 
 
@@ -319,23 +330,4 @@ def test_cuda_bf16_channels_last_step_within_documented_tolerance(seed: int) -> 
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
     low_grads, low_loss = fast_step(low, x, y, "bf16", fused=True)
-    g_ref, g_low = torch.cat([g.flatten() for g in ref_grads]), torch.cat([g.flatten() for g in low_grads])
-    assert abs(low_loss - ref_loss) / ref_loss <= BF16_LOSS_TOL
-    assert rel(g_low, g_ref) <= BF16_GLOBAL_TOL
-    assert F.cosine_similarity(g_low, g_ref, dim=0).item() >= BF16_COSINE_MIN
-    assert max(rel(a, b) for a, b in zip(low_grads, ref_grads, strict=True)) <= BF16_TENSOR_TOL
-
-
-@pytest.mark.gpu
-@needs_cuda
-def test_cuda_compiled_step_equals_eager_step_in_float64() -> None:
-    """torch.compile (Inductor's fused kernels) changes no math: in float64 it matches the eager step to 1e-5."""
-    dev = torch.device("cuda")
-    model = fresh_model(8, seed=5, dtype=torch.float64, device=dev)
-    x, y = batch(32, seed=5, dtype=torch.float64, device=dev)
-    ref, fast = copy.deepcopy(model), copy.deepcopy(model)
-    ref_grads = eager_step(ref, x, y)
-    step = TrainStep(torch.compile(fast), make_sgd(fast, LR, MOMENTUM, WD, fused=True), "fp32", dev)
-    _, _, bad = step(x, y)
-    assert not bool(bad)
-    assert_same_step(ref, ref_grads, fast, [p.grad for p in fast.parameters()], FP_TOL)
+    assert_within_bf16_band(ref_grads, ref_loss, low_grads, low_loss)
