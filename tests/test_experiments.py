@@ -151,6 +151,15 @@ def test_data_location_and_label_stay_out_of_directory_names(loader) -> None:
     assert names == [f"data=npz,model.depth={d}" for d in (20, 32, 44, 56)]
 
 
+def test_speed_only_trainer_keys_keep_the_run_directories(loader) -> None:
+    """Adding trainer.cuda_graphs / trainer.compile to a sweep resumes and skips the same runs, not new ones."""
+    plain = ["experiment=fig6_resnet", "model.depth=20,56"]
+    names = [run.name for run, _ in expand(loader, plain)]
+    fast = [run.name for run, _ in expand(loader, [*plain, "trainer.cuda_graphs=true", "trainer.compile=true"])]
+    assert fast == names == ["model.depth=20", "model.depth=56"]
+    assert [run.name for run, _ in expand(loader, [*plain, "trainer.precision=fp32"])] != names  # numbers change
+
+
 def test_launchers_compose(loader, monkeypatch: pytest.MonkeyPatch) -> None:
     local = multirun_config(loader, ["experiment=quick", "hydra/launcher=local"])
     assert local.hydra.launcher._target_.endswith("JoblibLauncher")
