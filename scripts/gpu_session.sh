@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # What only a GPU can answer (issues 6 and 8), prepared for the device tool's short lease: two phases of one call
-# each (< 9.5 min), every step under its own time limit so that a slow step costs only itself, and everything
+# each (under 10 min), every step under its own time limit so that a slow step costs only itself, and everything
 # written under $OUT (the device tool brings $OUT back).
 #
 #   here:        ../shared/device/stage.sh                      # fills .device/ (wheels, sample, JPEG CIFAR-10)
-#   device tool: run  command="bash scripts/gpu_session.sh A"  carry=[".device"]  timeout_s=590
-#                run  command="bash scripts/gpu_session.sh B"  carry=[".device"]  timeout_s=590
+#   device tool: run  command="bash scripts/gpu_session.sh A"  carry=[".device"]  timeout_s=570
+#                run  command="bash scripts/gpu_session.sh B"  carry=[".device"]  timeout_s=<what is left>
 #
-# A: CUDA correctness gates and the runner learning on CUDA, eager and compiled (pytest -m gpu), then `make bench` for ResNet-20 and ResNet-110 (every config).
+# A 15-minute lease (start-up included) fits A and the start of B; run B at once after A, while the machine is
+# warm. The step limits are estimates made without a GPU (no GPU was lent when this was written): after the
+# first real run, set them from $OUT/steps.tsv.
+#
+# A: CUDA correctness gates and the runner learning on CUDA, eager, compiled and graphed (pytest -m gpu), then
+#    `make bench` for ResNet-20 and ResNet-110 (every config).
 # B: K runs per GPU (aggregate img/s, K = 1,2,4,8), then one full 64k-iteration ResNet-20 on CIFAR-10 (JPEG
 #    re-encoded) through the real runner; a run cut off by its limit comes back with its checkpoint and resumes
 #    when B is run again with $OUT/runs copied back into runs/ (or RUNS_DIR pointed at it).
@@ -62,11 +67,16 @@ A)
   step env 60 bash -c "nvidia-smi -L; nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu \
 --format=csv; $PY -c 'import torch, torchvision; print(torch.__version__, torchvision.__version__, \
 torch.version.cuda, torch.backends.cudnn.version(), torch.cuda.is_available())'"
-  step pytest-gpu 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
-  step "bench-$arch_a" 160 "$PY" scripts/bench.py --arches "$arch_a" --ks '' --profile "${bench_sizes[@]}" \
+  step pytest-gpu 110 "$PY" -m pytest -v -m gpu -p no:cacheprovider tests
+  step "bench-$arch_a" 140 "$PY" scripts/bench.py --arches "$arch_a" --ks '' --profile "${bench_sizes[@]}" \
     --out "$OUT/bench" --tag "gpu-$arch_a"
-  step "bench-$arch_b" 230 "$PY" scripts/bench.py --arches "$arch_b" --ks '' --profile "${bench_sizes[@]}" \
-    --out "$OUT/bench" --tag "gpu-$arch_b"
+  # the deep net in two calls, so that the rows without compilation come back even if compiling is slow
+  step "bench-$arch_b-eager" 110 "$PY" scripts/bench.py --arches "$arch_b" --ks '' \
+    --configs baseline,ours-1,ours-2,ours-3,ours-5b --profile "${bench_sizes[@]}" --out "$OUT/bench" \
+    --tag "gpu-$arch_b-eager"
+  step "bench-$arch_b-compiled" 150 "$PY" scripts/bench.py --arches "$arch_b" --ks '' \
+    --configs baseline,ours-4,ours-5 --no-checkpoint "${bench_sizes[@]}" --out "$OUT/bench" \
+    --tag "gpu-$arch_b-compiled"
   ;;
 B)
   if [ "$QUICK" != 1 ]; then
