@@ -759,6 +759,46 @@ HOW_TO_SET_K = (
 
 
 # --------------------------------------------------------------------------------------------------------- reports
+def combine_reports(paths: list[Path]) -> dict[str, Any]:
+    """One report from several of one device (e.g. scripts/gpu_session.sh's per-arch calls): all rows and K
+    results, the default K and the Figure-6 suite projection recomputed over them."""
+    reports = []
+    for path in paths:
+        try:
+            reports.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"--combine: cannot read {path} as a bench report: {exc}") from None
+    devices = sorted({r["meta"]["device_name"] for r in reports})
+    if len(devices) != 1:
+        raise SystemExit(f"--combine: the reports come from different devices {devices}; combine one device's only")
+    first = reports[0]
+    device = torch.device(first["meta"]["device"])
+    rows = [Row(**row) for r in reports for row in r["rows"]]
+    conc = [x for r in reports for x in r["concurrency"]["results"]]
+    rec = recommend_k(conc, device)
+    meta = {
+        **first["meta"],
+        "command": " ; ".join(r["meta"]["command"] for r in reports),
+        "date": ", ".join(sorted({r["meta"]["date"] for r in reports})),
+        "sources": [str(p) for p in paths],
+    }
+    return {
+        "meta": meta,
+        "settings": first["settings"],
+        "rows": [asdict(r) for r in rows],
+        "order": [o for r in reports for o in r["order"]],
+        "checkpoint": [c for r in reports for c in r["checkpoint"]],
+        "concurrency": {
+            "config": first["concurrency"]["config"],
+            "results": conc,
+            "recommendation": rec,
+            "how_to_set_k": HOW_TO_SET_K,
+        },
+        "figure6_suite": suite_projection(rows, conc, rec) if device.type == "cuda" else None,
+        "profiles": [p for r in reports for p in r["profiles"]],
+    }
+
+
 def suite_projection(rows: list[Row], conc: list[dict], rec: dict) -> dict[str, Any] | None:
     """Figure-6 suite (plain 20-56, ResNet 20-110, one seed) projected from the fastest config's ms/iter vs depth."""
     best: dict[int, float] = {}
@@ -979,6 +1019,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true", help="also torch.profiler the fastest config of each arch")
     p.add_argument("--out", default="results/bench", help="output directory")
     p.add_argument("--tag", default=None, help="file name tag: bench-<tag>.md/.json (default: cpu or the GPU name)")
+    p.add_argument(
+        "--combine", nargs="+", default=None, metavar="JSON", help="merge earlier reports of one device instead"
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -1022,6 +1065,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker_main(json.loads(args.worker))
         return 0
+    if args.combine:
+        return write_report(combine_reports([Path(p) for p in args.combine]), Path(args.out), args.tag or "combined")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     device = pick_device(args.device)
     if device.type == "cuda":
@@ -1106,6 +1151,12 @@ def main(argv: list[str] | None = None) -> int:
         "figure6_suite": suite_projection(rows, conc_results, rec) if device.type == "cuda" else None,
         "profiles": profiles,
     }
+    return write_report(report, out_dir, tag)
+
+
+def write_report(report: dict[str, Any], out_dir: Path, tag: str) -> int:
+    """Write bench-<tag>.json and .md into `out_dir` and print the Markdown; returns the exit status 0."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"bench-{tag}.json", out_dir / f"bench-{tag}.md"
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     write_markdown(report, md_path)

@@ -16,6 +16,10 @@
 # B: K runs per GPU (aggregate img/s, K = 1,2,4,8), then one full 64k-iteration ResNet-20 on CIFAR-10 (JPEG
 #    re-encoded) through the real runner; a run cut off by its limit comes back with its checkpoint and resumes
 #    when B is run again with $OUT/runs copied back into runs/ (or RUNS_DIR pointed at it).
+# Afterwards, here (each call's $OUT starts empty there): merge both phases' reports into one table with the
+# default K and the Figure-6 suite projection:
+#   python scripts/bench.py --combine A_FILES/bench/bench-gpu-*.json B_FILES/bench/bench-gpu-k.json \
+#     --out results/bench --tag <gpu name>
 # Rehearse on a CPU machine (tiny sizes, the sample instead of CIFAR-10): GPU_SESSION_QUICK=1 PY=.venv/bin/python
 #   OUT=/tmp/out bash scripts/gpu_session.sh A   (and B). Step results: $OUT/steps.tsv, logs: $OUT/<step>.log.
 set -uo pipefail

@@ -197,3 +197,53 @@ def test_suite_projection_interpolates_in_depth() -> None:
     per_layer = 3.0 / 90
     expected_ms = sum(1.0 + per_layer * (d - 20) for d in (20, 32, 44, 56, 20, 32, 44, 56, 110))
     assert suite["sequential_s"] == pytest.approx(expected_ms * 64)
+
+
+def _fake_gpu_report(report: dict, arch: str, ms: float, k_results: list[dict]) -> dict:
+    """The CPU report re-labelled as one GPU's measurement of `arch` at `ms` ms/iter (for the merge logic)."""
+    fake = json.loads(json.dumps(report))
+    fake["meta"].update(device="cuda", device_name="Fake GPU")
+    for row in fake["rows"]:
+        row["arch"] = arch
+        if row["status"] == "ok" and row["config"] != "baseline":
+            row["ms_per_iter"] = ms
+    fake["concurrency"]["results"] = k_results
+    return fake
+
+
+def test_combine_merges_per_arch_reports_and_recomputes_k_and_the_suite(bench_run, tmp_path: Path) -> None:
+    report, _, _ = bench_run
+    k_results = json.loads(json.dumps(report["concurrency"]["results"]))  # K = 1, 2 as measured, then relabelled
+    assert [r["k"] for r in k_results] == [1, 2]
+    for result, img_per_s in zip(k_results, (100.0, 195.0), strict=True):
+        result.update(arch="ResNet-20", status="ok", img_per_s=img_per_s, vs_k1=img_per_s / 100.0)
+    paths = []
+    for name, arch, ms, k in [("a", "ResNet-20", 1.0, []), ("b", "ResNet-110", 4.0, k_results)]:
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(_fake_gpu_report(report, arch, ms, k)))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), "--combine", *map(str, paths), "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = json.loads((tmp_path / "bench-combined.json").read_text())
+    assert {r["arch"] for r in merged["rows"]} == {"ResNet-20", "ResNet-110"}
+    assert len(merged["rows"]) == 2 * len(report["rows"]) and merged["meta"]["sources"] == list(map(str, paths))
+    assert merged["concurrency"]["recommendation"]["k"] == 2
+    per_layer = 3.0 / 90
+    expected_ms = sum(1.0 + per_layer * (d - 20) for d in (20, 32, 44, 56, 20, 32, 44, 56, 110))
+    assert merged["figure6_suite"]["sequential_s"] == pytest.approx(expected_ms * 64)
+    assert merged["figure6_suite"]["concurrent_s"] == pytest.approx(expected_ms * 64 / 1.95)
+    assert "Figure-6 suite projection" in (tmp_path / "bench-combined.md").read_text()
+
+
+def test_combine_refuses_reports_of_different_devices(bench_run, tmp_path: Path) -> None:
+    report, _, _ = bench_run
+    (tmp_path / "cpu.json").write_text(json.dumps(report))
+    (tmp_path / "gpu.json").write_text(json.dumps(_fake_gpu_report(report, "ResNet-20", 1.0, [])))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), "--combine", str(tmp_path / "cpu.json"),
+         str(tmp_path / "gpu.json"), "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0 and "different devices" in proc.stderr and "Fake GPU" in proc.stderr
