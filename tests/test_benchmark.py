@@ -13,14 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from resnet_repro.benchmark import (
-    HOW_TO_SET_K,
-    Row,
-    parse_arch,
-    plan_variants,
-    recommend_k,
-    suite_projection,
-)
+from resnet_repro.bench.concurrency import HOW_TO_SET_K, recommend_k
+from resnet_repro.bench.measure import Row
+from resnet_repro.bench.report import suite_projection
+from resnet_repro.bench.variants import parse_arch, plan_variants
 
 REPO = Path(__file__).resolve().parents[1]
 TABLE_COLUMNS = (

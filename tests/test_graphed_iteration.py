@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from resnet_repro.benchmark import random_cifar
+from resnet_repro.bench.helpers import random_cifar
 from resnet_repro.checkpoint import state_digest
 from resnet_repro.data import DeviceData, load_npz
 from resnet_repro.engine import LoopOptions, fit
