@@ -40,6 +40,7 @@ from resnet_repro.results import (  # noqa: E402
     model_name,
     provenance,
     runs_table,
+    unique_runs,
 )
 
 log = logging.getLogger(__name__)
@@ -311,7 +312,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("tensorboard").setLevel(logging.WARNING)  # it logs every event file it finishes reading
     try:
-        runs = [load_run(d) for d in find_runs(args.run_dirs)]
+        run_dirs, dropped = unique_runs(find_runs(args.run_dirs))
+        for copy, original in dropped:
+            log.info("%s trains the same configuration as %s: counted once", copy, original)
+        runs = [load_run(d) for d in run_dirs]
         paths = write_all(runs, args.out, args.title_suffix)
     except ConfigError as exc:
         print(f"error: {exc} (searched {', '.join(args.run_dirs)})", file=sys.stderr)

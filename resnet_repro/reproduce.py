@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from resnet_repro.results import unique_runs
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # Paper experiments, longest last (ResNet-1202) so every other result is there early.
 PROFILES: dict[str, tuple[str, ...]] = {
@@ -41,8 +43,6 @@ TITLE_SUFFIX = {"paper": "", "quick": " — quick profile: shortened, lr {lr}"}
 LAUNCHERS = ("basic", "local", "slurm", "submitit_local", "submitit_slurm", "joblib")
 SUMMARY_JSON = "sweep_summary.json"  # written by resnet_repro.sweep.SweepSummary
 EXIT_STOPPED = 3  # SIGTERM: passed on to the running sweep, which checkpoints; rerun to resume (as train.py)
-# Config keys that do not change what a run computes; two finished runs equal in everything else are one run.
-NON_RECIPE_KEYS = ("experiment", "runs_dir", "trainer", "responses", "fail_at_iter")
 
 
 @dataclass
@@ -108,33 +108,6 @@ def results_dir(args: argparse.Namespace) -> Path:
     """results/<slug of the data label>/<profile>."""
     label = args.label or (Path(args.data).stem if args.data else "CIFAR-10")
     return Path(args.results_dir) / slugify(label) / args.profile
-
-
-def recipe_fingerprint(metrics_path: Path) -> str | None:
-    """The run's resolved config without the keys that do not change the computation; None if unreadable."""
-    try:
-        config = dict(json.loads(metrics_path.read_text())["config"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    for key in NON_RECIPE_KEYS:
-        config.pop(key, None)
-    return json.dumps(config, sort_keys=True)
-
-
-def unique_runs(run_dirs: Sequence[str | Path]) -> tuple[list[Path], list[tuple[Path, Path]]]:
-    """Run directories with same-configuration copies dropped (first kept); returns (kept, [(dropped, kept as)])."""
-    kept: list[Path] = []
-    dropped: list[tuple[Path, Path]] = []
-    seen: dict[str, Path] = {}
-    for run_dir in map(Path, dict.fromkeys(map(str, run_dirs))):
-        fingerprint = recipe_fingerprint(run_dir / "metrics.json")
-        if fingerprint is not None and fingerprint in seen:
-            dropped.append((run_dir, seen[fingerprint]))
-            continue
-        if fingerprint is not None:
-            seen[fingerprint] = run_dir
-        kept.append(run_dir)
-    return kept, dropped
 
 
 def read_summary(sweep_dir: Path, pid: int) -> dict[str, Any] | None:

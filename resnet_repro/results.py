@@ -52,6 +52,11 @@ class Run:
         return self.metrics["arch"], self.metrics["depth"], self.metrics["shortcut"]
 
 
+# Config keys that do not change what a run computes; two finished runs equal in everything else are one run
+# (e.g. ResNet-20 seed 0 of fig6_resnet and of table6), drawn and counted once.
+NON_RECIPE_KEYS = ("experiment", "runs_dir", "trainer", "responses", "fail_at_iter")
+
+
 def find_runs(paths: Iterable[str | Path]) -> list[Path]:
     """Run directories at or below the given paths: those holding metrics.json or failed.json."""
     found: set[Path] = set()
@@ -77,6 +82,33 @@ def read_curves(run_dir: Path) -> dict[str, Curve]:
         last = len(steps) - 1 - np.unique(steps[::-1], return_index=True)[1]
         curves[tag] = steps[last], values[last]
     return curves
+
+
+def recipe_fingerprint(metrics_path: Path) -> str | None:
+    """The run's resolved config without the keys that do not change the computation; None if unreadable."""
+    try:
+        config = dict(json.loads(metrics_path.read_text())["config"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    for key in NON_RECIPE_KEYS:
+        config.pop(key, None)
+    return json.dumps(config, sort_keys=True)
+
+
+def unique_runs(run_dirs: Iterable[str | Path]) -> tuple[list[Path], list[tuple[Path, Path]]]:
+    """Run directories with same-configuration copies dropped (first kept); returns (kept, [(dropped, kept as)])."""
+    kept: list[Path] = []
+    dropped: list[tuple[Path, Path]] = []
+    seen: dict[str, Path] = {}
+    for run_dir in map(Path, dict.fromkeys(map(str, run_dirs))):
+        fingerprint = recipe_fingerprint(run_dir / METRICS)
+        if fingerprint is not None and fingerprint in seen:
+            dropped.append((run_dir, seen[fingerprint]))
+            continue
+        if fingerprint is not None:
+            seen[fingerprint] = run_dir
+        kept.append(run_dir)
+    return kept, dropped
 
 
 def load_run(run_dir: str | Path) -> Run:

@@ -143,3 +143,15 @@ def test_mean_curve_averages_seeds_on_common_steps(tmp_path: Path) -> None:
     np.testing.assert_allclose(values, [45.0, 25.0])
     assert note == " (mean of 2 seeds)"
     assert plot.mean_curve(group[:1], "train/err") == (None, "")
+
+
+def test_cli_counts_a_configuration_trained_by_two_experiments_once(tmp_path: Path) -> None:
+    """ResNet-20 seed 0 of fig6_resnet and of table6 is one run, not two seeds (the previous `make plot` bug)."""
+    for experiment in ("fig6_resnet", "table6"):
+        make_run_dir(tmp_path / "runs" / experiment, "resnet", 20, seed=0, final_test_err=8.5,
+                     experiment=experiment, config={"experiment": experiment})
+    make_run_dir(tmp_path / "runs" / "table6", "resnet", 20, seed=1, final_test_err=9.5, experiment="table6",
+                 config={"experiment": "table6"})
+    assert plot.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    row = table_rows((tmp_path / "out" / "table6.md").read_text())[("resnet", "20")]
+    assert row[4] == "2 (0, 1)" and row[5] == "9.00±0.71", row

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from resnet_repro import reproduce
+from resnet_repro.results import unique_runs
 from resnet_repro.sweep import EXIT_SWEEP_FAILED, SUMMARY_JSON, PlannedRun, format_summary, run_status
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,7 +158,7 @@ def test_identical_runs_of_two_experiments_are_drawn_once(tmp_path: Path) -> Non
     failed = tmp_path / "table6" / "broken"
     failed.mkdir()
     (failed / "failed.json").write_text("{}")
-    kept, dropped = reproduce.unique_runs([a, b, c, failed, a])
+    kept, dropped = unique_runs([a, b, c, failed, a])
     assert kept == [a, c, failed] and dropped == [(b, a)]
 
 
