@@ -205,6 +205,7 @@ def fit(
         acc.wrong.fill_(saved["interval"]["wrong"])
         acc.seen.fill_(saved["interval"]["seen"])
     model.train()  # before a graph is captured: it records the training-mode kernels
+    run_start = time.perf_counter() - state.elapsed_s  # wall time includes graph capture (ms_per_iter does not)
     per_rank_batch = options.batch_size // dist_info.world_size
     if options.cuda_graphs:
         if dist_info.world_size > 1:
@@ -236,7 +237,6 @@ def fit(
     scalars = ScalarLog(run_dir, dist_info.is_main, state.iteration)
     progress = Progress(options.max_iter, state.iteration, options.progress and dist_info.is_main, options.description)
     interval_start = time.perf_counter()
-    run_start = time.perf_counter() - state.elapsed_s
     try:
         with StopSignal() as stop:
             while state.iteration < options.max_iter:
