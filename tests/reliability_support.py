@@ -8,6 +8,7 @@ forked child of the test process (real SIGKILL, no import cost); a few cases go 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import shutil
@@ -277,8 +278,16 @@ def ddp_worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
             except (NonFiniteError, Preempted) as exc:
                 outcome = f"{type(exc).__name__}: {exc}"
             Path(f"{job['run_dir']}.rank{rank}.txt").write_text(outcome)
+        leave_together()
     finally:
         torch.distributed.destroy_process_group()
+
+
+def leave_together() -> None:
+    """Wait for every rank before tearing the group down: rank 0 hosts the TCPStore, and a rank still talking to it
+    when rank 0 exits can abort in gloo's teardown ("terminate called without an active exception", seen once in a
+    full-suite run). A rank that never arrives fails the barrier after 60 s instead of hanging the test."""
+    torch.distributed.monitored_barrier(timeout=datetime.timedelta(seconds=60))
 
 
 def spawn_ddp(jobs: list[dict], world_size: int = 2, timeout: float = 240) -> list[list[str]]:

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
+from reliability_support import leave_together
 
 from resnet_repro.config import TrainConfig
 from resnet_repro.engine import DistInfo
@@ -87,6 +88,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, cfg: TrainConfig, run_dir
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         train(cfg, Path(run_dir), DistInfo(rank=rank, world_size=world_size))
+        leave_together()
     finally:
         torch.distributed.destroy_process_group()
 
