@@ -128,8 +128,6 @@ class TrainStep:
         return loss.detach() * labels.shape[0], wrong, bad
 
 
-
-
 class EagerIteration:
     """Iteration `it` op by op: set the lr, build this rank's batch, step, count."""
 
@@ -245,4 +243,3 @@ class GraphedIteration:
         self.graph.replay()
         assert self.wrong is not None
         return self.wrong
-

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from reliability_support import make_tiny_npz
 
 from resnet_repro.bench.helpers import random_cifar
 from resnet_repro.checkpoint import state_digest
@@ -71,12 +72,7 @@ def _fit(run_dir: Path, npz: Path, cuda_graphs: bool, max_iter: int) -> str:
 
 
 def test_fit_with_the_graphed_iteration_equals_eager_fit_and_resumes_exactly(sample_npz: Path, tmp_path: Path) -> None:
-    import numpy as np
-
-    npz = tmp_path / "small.npz"
-    with np.load(sample_npz) as z:
-        np.savez(npz, x_train=z["x_train"][:160], y_train=z["y_train"][:160], x_test=z["x_test"][:100],
-                 y_test=z["y_test"][:100])
+    npz = make_tiny_npz(sample_npz, tmp_path / "small.npz", n_train=160, n_test=100)
     eager = _fit(tmp_path / "eager", npz, cuda_graphs=False, max_iter=12)
     graphed = _fit(tmp_path / "graphed", npz, cuda_graphs=True, max_iter=12)
     assert graphed == eager
