@@ -1,6 +1,6 @@
 """Draw the paper's Figure 6 and Figure 7 and write Table 6 and the verdict from finished run directories.
 
-    python -m resnet_repro.plot runs/fig6_plain runs/fig6_resnet --out results/fig6 [--title-suffix "..."]
+python -m resnet_repro.plot runs/fig6_plain runs/fig6_resnet --out results/fig6 [--title-suffix "..."]
 """
 
 from __future__ import annotations
@@ -140,8 +140,10 @@ def plot_fig6(runs: Sequence[Run], out: Path, title: str) -> list[Path]:
             handles.append(Line2D([], [], color=colour, lw=2.2, label=model_name(arch, depth) + note))
         if not handles:
             no_runs(ax)
-        handles += [Line2D([], [], color="k", ls="--", lw=0.9, label="training error"),
-                    Line2D([], [], color="k", lw=2.2, label="test error")]
+        handles += [
+            Line2D([], [], color="k", ls="--", lw=0.9, label="training error"),
+            Line2D([], [], color="k", lw=2.2, label="test error"),
+        ]
         ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=9, frameon=False)
         ax.set(title=panel, xlabel=x_label)
         ax.grid(True, alpha=0.3)
@@ -205,28 +207,69 @@ def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) 
 
 def write_table6(rows: Sequence[dict[str, Any]], out: Path, title: str) -> list[Path]:
     """Table 6 as markdown and CSV: our final test error (mean±std over seeds, best) beside the paper's."""
-    header = ["arch", "depth", "shortcut", "params", "n (seeds)", "test err mean±std (%)", "best (%)",
-              f"paper (%), {SOURCE}"]
+    header = [
+        "arch",
+        "depth",
+        "shortcut",
+        "params",
+        "n (seeds)",
+        "test err mean±std (%)",
+        "best (%)",
+        f"paper (%), {SOURCE}",
+    ]
     md_rows = [
-        [r["arch"], r["depth"], r["shortcut"], f"{r['params'] / 1e6:.2f}M",
-         f"{r['n']} ({', '.join(map(str, r['seeds']))})", format_err(r["mean"], r["std"]), f"{r['best']:.2f}",
-         r["paper"].describe() if r["paper"] else "—"]
+        [
+            r["arch"],
+            r["depth"],
+            r["shortcut"],
+            f"{r['params'] / 1e6:.2f}M",
+            f"{r['n']} ({', '.join(map(str, r['seeds']))})",
+            format_err(r["mean"], r["std"]),
+            f"{r['best']:.2f}",
+            r["paper"].describe() if r["paper"] else "—",
+        ]
         for r in rows
     ]
     notes = "".join(f"\n> warning: {w}\n" for w in mixed_groups(rows))
     md = (
         f"# Table 6 (reproduction): CIFAR-10 test error\n\n{title}. Final model's test error, no selection on the "
-        "test set; mean±std over seeds (sample std), best = lowest seed.\n\n" + markdown_table(header, md_rows)
+        "test set; mean±std over seeds (sample std), best = lowest seed.\n\n"
+        + markdown_table(header, md_rows)
         + f"{notes}\nPaper column: {SOURCE} (option A, 64k iterations, 50k training images, 10k test images); "
         f"it gives no number for plain nets (only Figure 6 curves). {CITATION}\n"
     )
     (out / "table6.md").write_text(md)
-    csv_header = ["arch", "depth", "shortcut", "params", "n", "seeds", "test_err_mean", "test_err_std",
-                  "test_err_best", "paper_test_err", "paper_mean_std", "data", "iterations"]
+    csv_header = [
+        "arch",
+        "depth",
+        "shortcut",
+        "params",
+        "n",
+        "seeds",
+        "test_err_mean",
+        "test_err_std",
+        "test_err_best",
+        "paper_test_err",
+        "paper_mean_std",
+        "data",
+        "iterations",
+    ]
     csv_rows = [
-        [r["arch"], r["depth"], r["shortcut"], r["params"], r["n"], ";".join(map(str, r["seeds"])), r["mean"],
-         r["std"], r["best"], r["paper"] and r["paper"].test_err, r["paper"] and r["paper"].mean_std,
-         ";".join(r["data"]), ";".join(map(str, r["iterations"]))]
+        [
+            r["arch"],
+            r["depth"],
+            r["shortcut"],
+            r["params"],
+            r["n"],
+            ";".join(map(str, r["seeds"])),
+            r["mean"],
+            r["std"],
+            r["best"],
+            r["paper"] and r["paper"].test_err,
+            r["paper"] and r["paper"].mean_std,
+            ";".join(r["data"]),
+            ";".join(map(str, r["iterations"])),
+        ]
         for r in rows
     ]
     return [out / "table6.md", write_csv(out / "table6.csv", csv_header, csv_rows)]
@@ -234,8 +277,11 @@ def write_table6(rows: Sequence[dict[str, Any]], out: Path, title: str) -> list[
 
 def write_shortcuts(rows: Sequence[dict[str, Any]], out: Path, title: str) -> list[Path]:
     """Shortcut options side by side (rows depth, columns A/B/C), one table per arch run with several options."""
-    archs = [a for a in dict.fromkeys(r["arch"] for r in rows)
-             if a != "plain" and len({r["shortcut"] for r in rows if r["arch"] == a}) > 1]
+    archs = [
+        a
+        for a in dict.fromkeys(r["arch"] for r in rows)
+        if a != "plain" and len({r["shortcut"] for r in rows if r["arch"] == a}) > 1
+    ]
     if not archs:
         for stale in ("shortcuts.md", "shortcuts.csv"):
             (out / stale).unlink(missing_ok=True)
@@ -249,18 +295,23 @@ def write_shortcuts(rows: Sequence[dict[str, Any]], out: Path, title: str) -> li
             found = [cells.get((arch, depth, s)) for s in SHORTCUTS]
             md_rows.append([depth, *(format_err(c["mean"], c["std"]) + f" (n={c['n']})" if c else "—" for c in found)])
             csv_rows.append([arch, depth, *(c and c[k] for c in found for k in ("mean", "std", "n"))])
-        sections.append(f"## {model_name(arch, None)}: test error (%) by shortcut option\n\n"
-                        + markdown_table(["depth", *SHORTCUTS], md_rows))
-    (out / "shortcuts.md").write_text(f"# Shortcut options A/B/C\n\n{title}. Mean±std over seeds.\n\n"
-                                      + "\n".join(sections))
+        sections.append(
+            f"## {model_name(arch, None)}: test error (%) by shortcut option\n\n"
+            + markdown_table(["depth", *SHORTCUTS], md_rows)
+        )
+    (out / "shortcuts.md").write_text(
+        f"# Shortcut options A/B/C\n\n{title}. Mean±std over seeds.\n\n" + "\n".join(sections)
+    )
     csv_header = ["arch", "depth", *(f"{s}_{v}" for s in SHORTCUTS for v in ("mean", "std", "n"))]
     return [out / "shortcuts.md", write_csv(out / "shortcuts.csv", csv_header, csv_rows)]
 
 
 def write_verdict(runs: Sequence[Run], rows: Sequence[dict[str, Any]], out: Path, title: str) -> Path:
     """verdict.md: degradation sentences, pooled-run warnings, failed runs and provenance, all from the runs."""
-    failed = [f"- `{r.path}`: {r.metrics.get('error', 'unknown error')} (iteration {r.metrics.get('iteration')})"
-              for r in failed_runs(runs)]
+    failed = [
+        f"- `{r.path}`: {r.metrics.get('error', 'unknown error')} (iteration {r.metrics.get('iteration')})"
+        for r in failed_runs(runs)
+    ]
     lines = [
         f"# Verdict: degradation and residual learning\n\n{title}.\n",
         "## Final errors compared\n",

@@ -158,12 +158,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         epilog="Extra arguments are Hydra overrides given to every training command, e.g. trainer.threads=1.",
     )
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="paper",
-                        help="paper: every paper experiment (GPU); quick: the shortened CPU comparison")
+    parser.add_argument(
+        "--profile",
+        choices=sorted(PROFILES),
+        default="paper",
+        help="paper: every paper experiment (GPU); quick: the shortened CPU comparison",
+    )
     parser.add_argument("--data", help="an npz file (x_train, y_train, x_test, y_test) instead of downloading CIFAR-10")
     parser.add_argument("--label", help="data label shown in figures and tables, also names results/<slug>/")
-    parser.add_argument("--launcher", choices=LAUNCHERS,
-                        help="Hydra launcher: local (all GPUs, joblib), slurm, submitit_local; default: one at a time")
+    parser.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        help="Hydra launcher: local (all GPUs, joblib), slurm, submitit_local; default: one at a time",
+    )
     parser.add_argument("--runs-dir", default="runs", help="root of the run directories (default runs)")
     parser.add_argument("--results-dir", default="results", help="root of the figures and tables (default results)")
     parser.add_argument("--data-root", default="./data", help="CIFAR-10 download directory (default ./data)")
@@ -190,8 +197,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(shlex.join(step.cmd))
         sweep_dirs = dict.fromkeys(str(Path(args.runs_dir) / experiment_dir_name(e)) for e in experiments)
         print(shlex.join(plot_cmd + ["<run dirs of the sweeps above>"] + plot_tail))
-        print(f"# <run dirs of the sweeps above>: from {', '.join(f'{d}/{SUMMARY_JSON}' for d in sweep_dirs)}, "
-              "one per configuration")
+        print(
+            f"# <run dirs of the sweeps above>: from {', '.join(f'{d}/{SUMMARY_JSON}' for d in sweep_dirs)}, "
+            "one per configuration"
+        )
         return 0
 
     try:
@@ -216,8 +225,11 @@ def run_all(
         pid = run_step(step)
         if step.experiment is None:  # the download
             if step.rc != 0:
-                print(f"\nreproduce: the download failed (exit {step.rc}); nothing else was run. Check the network, "
-                      "or pass --data FILE.npz.", file=sys.stderr)
+                print(
+                    f"\nreproduce: the download failed (exit {step.rc}); nothing else was run. Check the network, "
+                    "or pass --data FILE.npz.",
+                    file=sys.stderr,
+                )
                 return 2
             continue
         summary = read_summary(Path(args.runs_dir) / experiment_dir_name(step.experiment), pid)
@@ -227,8 +239,10 @@ def run_all(
             continue
         step.counts = summary["counts"]
         step.run_dirs = [r["dir"] for r in summary["runs"] if r["status"] in ("finished", "skipped", "failed")]
-        step.runs = [{k: r.get(k) for k in ("name", "status", "test_err", "train_err", "wall_s", "error")}
-                     for r in summary["runs"]]
+        step.runs = [
+            {k: r.get(k) for k in ("name", "status", "test_err", "train_err", "wall_s", "error")}
+            for r in summary["runs"]
+        ]
 
     run_dirs, dropped = unique_runs([d for s in steps for d in s.run_dirs])
     for copy, original in dropped:
@@ -241,8 +255,10 @@ def run_all(
     steps.append(plot)
 
     failed = [s for s in steps if s.status != "ok"]
-    print(f"\n=== reproduce --profile {args.profile}: {len(steps) - len(failed)} of {len(steps)} steps ok "
-          f"in {time.time() - started:.0f} s; results in {out}")
+    print(
+        f"\n=== reproduce --profile {args.profile}: {len(steps) - len(failed)} of {len(steps)} steps ok "
+        f"in {time.time() - started:.0f} s; results in {out}"
+    )
     for s in steps:
         counts = ", ".join(f"{n} {k}" for k, n in s.counts.items() if n)
         print(f"  {s.status:<7} {s.name}  {s.wall_s or 0:.0f} s  {counts}  {s.note}".rstrip())

@@ -103,6 +103,7 @@ def test_cli_writes_markdown_and_json_with_every_column(bench_run) -> None:
     for key in ("device", "device_name", "torch", "cuda", "cudnn", "git_sha", "date", "command"):
         assert key in meta
     assert meta["command"].startswith("python scripts/bench.py") and "--arches resnet-8" in meta["command"]
+    assert meta["complete"] is True and meta["stage"] == "complete" and "Partial report" not in md
     rows = {r["config"]: r for r in report["rows"]}
     assert list(rows) == ["baseline", "ours-1", "ours-2", "ours-3", "ours-4", "ours-5", "ours-5b"]
     for key in ("baseline", "ours-1", "ours-3"):
@@ -149,6 +150,40 @@ def test_checkpoint_overhead_and_several_processes_reported(bench_run) -> None:
     assert conc["recommendation"]["k"] is None and "GPU" in conc["recommendation"]["why"]
     assert "n_jobs" in md and "Several models per device" in md
     assert not any(Path(report["settings"]["ckpt_dir"]).rglob("*.pt"))  # the timed checkpoints are removed
+
+
+def test_a_benchmark_stopped_mid_way_keeps_what_it_finished(tmp_path: Path, monkeypatch) -> None:
+    """The report is rewritten after every arch and every K, so a benchmark stopped by a time limit (each step of
+    scripts/gpu_session.sh has one) leaves its finished rows and K values on disk, marked partial."""
+    from resnet_repro.bench import cli
+
+    on_disk = {}
+
+    def stopped_after_k1(arch, depth, ks, args, device, config, log_dir, on_result):
+        assert ks == [1, 2]
+        on_disk["after arch"] = json.loads((tmp_path / "bench-stopped.json").read_text())
+        cli_measure(arch, depth, [1], args, device, config, log_dir, on_result)  # the real K=1 measurement
+        raise KeyboardInterrupt  # what the time limit's signal does before K=2
+
+    cli_measure = cli.measure_concurrency
+    monkeypatch.setattr(cli, "measure_concurrency", stopped_after_k1)
+    args = ["--device", "cpu", "--arches", "resnet-8", "--configs", "baseline,ours-1", "--batch-size", "16",
+            "--iters", "1", "--windows", "1", "--warmup", "1", "--num-images", "32", "--workers", "0",
+            "--ks", "1,2", "--k-arches", "resnet-8", "--k-iters", "2", "--k-num-images", "16", "--no-checkpoint",
+            "--threads", "1",
+            "--out", str(tmp_path), "--tag", "stopped"]  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(args)
+    first = on_disk["after arch"]
+    assert first["meta"]["complete"] is False and first["meta"]["stage"] == "the ResNet-8 rows"
+    assert [r["config"] for r in first["rows"]] == ["baseline", "ours-1"] and first["concurrency"]["results"] == []
+    last = json.loads((tmp_path / "bench-stopped.json").read_text())
+    assert last["meta"]["complete"] is False and last["meta"]["stage"] == "K=1 of ResNet-8"
+    assert [r["status"] for r in last["rows"]] == ["ok", "ok"]
+    assert [(r["k"], r["status"]) for r in last["concurrency"]["results"]] == [(1, "ok")]
+    md = (tmp_path / "bench-stopped.md").read_text()
+    assert "Partial report" in md and "last written: K=1 of ResNet-8" in md
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
 
 
 def test_plan_on_cpu_skips_cuda_only_rows() -> None:

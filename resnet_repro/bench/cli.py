@@ -25,15 +25,14 @@ import resource
 import shlex
 import sys
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from resnet_repro.bench.concurrency import HOW_TO_SET_K, measure_concurrency, recommend_k, worker_main
+from resnet_repro.bench.concurrency import measure_concurrency, worker_main
 from resnet_repro.bench.helpers import random_cifar, slug
 from resnet_repro.bench.measure import Row, measure_arch, measure_checkpoint, profile_runner
-from resnet_repro.bench.report import combine_reports, suite_projection, write_report
+from resnet_repro.bench.report import assemble_report, combine_reports, write_report
 from resnet_repro.bench.variants import (
     BASELINE_CUDNN_BENCHMARK,
     OURS_CUDNN_BENCHMARK,
@@ -144,8 +143,6 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     loadavg_before = [round(x, 2) for x in os.getloadavg()]
     env = environment_info(device)
-    import torchvision
-
     tag = args.tag or ("cpu" if device.type == "cpu" else slug(env["device"]))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -156,10 +153,26 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--k-config {args.k_config!r}: one of {ours_keys}")
     arches = [parse_arch(a) for a in args.arches.split(",") if a.strip()]
     arrays = random_cifar(args.num_images, 1000 if device.type == "cuda" else 200)
+    settings = {
+        **{k: v for k, v in vars(args).items() if k != "worker"},
+        "pin_memory": device.type == "cuda",
+        "baseline_cudnn_benchmark": BASELINE_CUDNN_BENCHMARK,
+        "ours_cudnn_benchmark": OURS_CUDNN_BENCHMARK,
+        "params": {arch_name(a, d): count_parameters(build_model(a, d)) for a, d in arches},
+    }
     order: list[dict] = []
     rows: list[Row] = []
     checkpoints: list[dict] = []
     profiles: list[str] = []
+    conc_results: list[dict] = []
+
+    def save(stage: str, conc: list[dict], complete: bool = False) -> int:
+        """Write the report of what is measured so far (after every arch and every K: a benchmark killed by a
+        time limit keeps what it finished)."""
+        meta = run_meta(argv, device, env, loadavg_before, complete, stage)
+        report = assemble_report(meta, settings, rows, order, checkpoints, conc, profiles, device)
+        return write_report(report, out_dir, tag, echo=complete)
+
     for arch, depth in arches:
         arch_rows, (fast_runner, fast_row) = measure_arch(arch, depth, plan, args, device, arrays, order)
         rows += arch_rows
@@ -172,51 +185,58 @@ def main(argv: list[str] | None = None) -> int:
         del fast_runner
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    conc_results: list[dict] = []
+        save(f"the {arch_name(arch, depth)} rows", conc_results)
     ks = [int(k) for k in args.ks.split(",") if k.strip()]
     if ks:
         with tempfile.TemporaryDirectory(prefix="bench-k-") as tmp:
             for spec in [a for a in args.k_arches.split(",") if a.strip()]:
                 arch, depth = parse_arch(spec)
-                conc_results += measure_concurrency(arch, depth, ks, args, device, args.k_config, Path(tmp))
-    rec = recommend_k(conc_results, device)
-    report = {
-        "meta": {
-            "device": str(device),
-            "device_name": env["device"],
-            "torch": torch.__version__,
-            "torchvision": torchvision.__version__,
-            "cuda": torch.version.cuda,
-            "cudnn": env["cudnn"],
-            "python": platform.python_version(),
-            "git_sha": git_sha() or env["git_sha"],
-            "date": now_iso(),
-            "command": "python scripts/bench.py " + " ".join(shlex.quote(a) for a in argv),
-            "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(),
-            "host": env["host"],
-            "loadavg_before": loadavg_before,
-            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-            "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-            "tf32_cudnn": torch.backends.cudnn.allow_tf32 if device.type == "cuda" else None,
-        },
-        "settings": {
-            **{k: v for k, v in vars(args).items() if k != "worker"},
-            "pin_memory": device.type == "cuda",
-            "baseline_cudnn_benchmark": BASELINE_CUDNN_BENCHMARK,
-            "ours_cudnn_benchmark": OURS_CUDNN_BENCHMARK,
-            "params": {arch_name(a, d): count_parameters(build_model(a, d)) for a, d in arches},
-        },
-        "rows": [asdict(r) for r in rows],
-        "order": order,
-        "checkpoint": checkpoints,
-        "concurrency": {
-            "config": args.k_config,
-            "results": conc_results,
-            "recommendation": rec,
-            "how_to_set_k": HOW_TO_SET_K,
-        },
-        "figure6_suite": suite_projection(rows, conc_results, rec) if device.type == "cuda" else None,
-        "profiles": profiles,
+                name = arch_name(arch, depth)
+                conc_results += measure_concurrency(
+                    arch,
+                    depth,
+                    ks,
+                    args,
+                    device,
+                    args.k_config,
+                    Path(tmp),
+                    on_result=lambda part, name=name, earlier=list(conc_results): save(
+                        f"K={part[-1]['k']} of {name}", earlier + part
+                    ),
+                )
+    return save("complete", conc_results, complete=True)
+
+
+def run_meta(
+    argv: list[str],
+    device: torch.device,
+    env: dict,
+    loadavg_before: list[float],
+    complete: bool,
+    stage: str,
+) -> dict:
+    """Provenance of a report: device, versions, git, date, command, machine load; `complete`/`stage` say
+    whether the benchmark finished or what it had finished when this was written."""
+    import torchvision
+
+    return {
+        "device": str(device),
+        "device_name": env["device"],
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": env["cudnn"],
+        "python": platform.python_version(),
+        "git_sha": git_sha() or env["git_sha"],
+        "date": now_iso(),
+        "command": "python scripts/bench.py " + " ".join(shlex.quote(a) for a in argv),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "host": env["host"],
+        "loadavg_before": loadavg_before,
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32 if device.type == "cuda" else None,
+        "complete": complete,
+        "stage": stage,
     }
-    return write_report(report, out_dir, tag)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +58,17 @@ def _reader(proc: subprocess.Popen, lines: queue.Queue) -> None:
 
 
 def measure_concurrency(
-    arch: str, depth: int, ks: list[int], args: argparse.Namespace, device: torch.device, config: str, log_dir: Path
+    arch: str,
+    depth: int,
+    ks: list[int],
+    args: argparse.Namespace,
+    device: torch.device,
+    config: str,
+    log_dir: Path,
+    on_result: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Aggregate img/s of K processes training at once on one device (started together after their warm-ups)."""
+    """Aggregate img/s of K processes training at once on one device (started together after their warm-ups).
+    `on_result(results so far)` is called after each K, so a caller can save what is measured as it comes."""
     results = []
     cores = os.cpu_count() or 1
     for k in ks:
@@ -146,10 +155,12 @@ def measure_concurrency(
                 f.close()
         results.append(entry)
         log.info("K=%d %s: %s", k, arch_name(arch, depth), entry.get("img_per_s", entry.get("note")))
-    base = next((r["img_per_s"] for r in results if r["k"] == 1 and r.get("status") == "ok"), None)
-    for r in results:
-        if base and r.get("status") == "ok":
-            r["vs_k1"] = r["img_per_s"] / base
+        base = next((r["img_per_s"] for r in results if r["k"] == 1 and r.get("status") == "ok"), None)
+        for r in results:
+            if base and r.get("status") == "ok":
+                r["vs_k1"] = r["img_per_s"] / base
+        if on_result is not None:
+            on_result(results)
     return results
 
 

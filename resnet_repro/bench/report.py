@@ -15,6 +15,37 @@ import torch
 from resnet_repro.bench.concurrency import HOW_TO_SET_K, recommend_k
 from resnet_repro.bench.measure import Row
 from resnet_repro.bench.variants import BASELINE_CUDNN_BENCHMARK, FIGURE6_SUITE, OURS_CUDNN_BENCHMARK, PAPER_ITERATIONS
+from resnet_repro.checkpoint import atomic_write_bytes
+
+
+def assemble_report(
+    meta: dict[str, Any],
+    settings: dict[str, Any],
+    rows: list[Row],
+    order: list[dict],
+    checkpoints: list[dict],
+    conc: list[dict],
+    profiles: list[str],
+    device: torch.device,
+) -> dict[str, Any]:
+    """The report (the JSON layout): what was measured, with the default K and the Figure-6 suite projection
+    computed over `rows` and `conc`."""
+    rec = recommend_k(conc, device)
+    return {
+        "meta": meta,
+        "settings": settings,
+        "rows": [asdict(r) for r in rows],
+        "order": order,
+        "checkpoint": checkpoints,
+        "concurrency": {
+            "config": settings["k_config"],
+            "results": conc,
+            "recommendation": rec,
+            "how_to_set_k": HOW_TO_SET_K,
+        },
+        "figure6_suite": suite_projection(rows, conc, rec) if device.type == "cuda" else None,
+        "profiles": profiles,
+    }
 
 
 def combine_reports(paths: list[Path]) -> dict[str, Any]:
@@ -30,31 +61,27 @@ def combine_reports(paths: list[Path]) -> dict[str, Any]:
     if len(devices) != 1:
         raise SystemExit(f"--combine: the reports come from different devices {devices}; combine one device's only")
     first = reports[0]
-    device = torch.device(first["meta"]["device"])
-    rows = [Row(**row) for r in reports for row in r["rows"]]
-    conc = [x for r in reports for x in r["concurrency"]["results"]]
-    rec = recommend_k(conc, device)
+    partial = [
+        f"{path} (after {r['meta']['stage']})" for path, r in zip(paths, reports) if not r["meta"].get("complete", True)
+    ]
     meta = {
         **first["meta"],
         "command": " ; ".join(r["meta"]["command"] for r in reports),
         "date": ", ".join(sorted({r["meta"]["date"] for r in reports})),
         "sources": [str(p) for p in paths],
+        "complete": not partial,
+        "stage": "complete" if not partial else "partial sources: " + "; ".join(partial),
     }
-    return {
-        "meta": meta,
-        "settings": first["settings"],
-        "rows": [asdict(r) for r in rows],
-        "order": [o for r in reports for o in r["order"]],
-        "checkpoint": [c for r in reports for c in r["checkpoint"]],
-        "concurrency": {
-            "config": first["concurrency"]["config"],
-            "results": conc,
-            "recommendation": rec,
-            "how_to_set_k": HOW_TO_SET_K,
-        },
-        "figure6_suite": suite_projection(rows, conc, rec) if device.type == "cuda" else None,
-        "profiles": [p for r in reports for p in r["profiles"]],
-    }
+    return assemble_report(
+        meta,
+        first["settings"],
+        [Row(**row) for r in reports for row in r["rows"]],
+        [o for r in reports for o in r["order"]],
+        [c for r in reports for c in r["checkpoint"]],
+        [x for r in reports for x in r["concurrency"]["results"]],
+        [p for r in reports for p in r["profiles"]],
+        torch.device(first["meta"]["device"]),
+    )
 
 
 def suite_projection(rows: list[Row], conc: list[dict], rec: dict) -> dict[str, Any] | None:
@@ -103,13 +130,22 @@ def _fmt_s(seconds: float | None) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
-def write_markdown(report: dict[str, Any], path: Path) -> None:
+def render_markdown(report: dict[str, Any]) -> str:
     """The human-readable table(s) from the JSON report."""
     m = report["meta"]
     s = report["settings"]
     lines = [
         f"# make bench: typical reproduction vs our runner ({m['device_name']})",
         "",
+        *(
+            []
+            if m.get("complete", True)
+            else [
+                f"> **Partial report**: the benchmark stopped before it finished (last written: {m['stage']}). "
+                "Only what is listed below was measured.",
+                "",
+            ]
+        ),
         f"- date {m['date']}, git `{m['git_sha']}`, torch {m['torch']}, torchvision {m['torchvision']}, "
         f"CUDA {m['cuda']}, cuDNN {m['cudnn']}, Python {m['python']}, {m['threads']} torch threads, "
         f"{m['cpu_count']} CPU cores, load average before/after {m['loadavg_before']} / {m['loadavg_after']}",
@@ -231,15 +267,17 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         for (arch, rnd), configs in by_round.items():
             lines.append(f"- {arch} round {rnd}: {', '.join(configs)}")
         lines.append("")
-    path.write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
-def write_report(report: dict[str, Any], out_dir: Path, tag: str) -> int:
-    """Write bench-<tag>.json and .md into `out_dir` and print the Markdown; returns the exit status 0."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def write_report(report: dict[str, Any], out_dir: Path, tag: str, echo: bool = True) -> int:
+    """Write bench-<tag>.json and .md into `out_dir` atomically (a reader, or a killed benchmark, leaves the
+    previous version or the new one) and, if `echo`, print the Markdown; returns the exit status 0."""
     json_path, md_path = out_dir / f"bench-{tag}.json", out_dir / f"bench-{tag}.md"
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    write_markdown(report, md_path)
-    print(md_path.read_text())
-    print(f"wrote {md_path} and {json_path}")
+    markdown = render_markdown(report)
+    atomic_write_bytes(json_path, lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
+    atomic_write_bytes(md_path, lambda f: f.write(markdown.encode()))
+    if echo:
+        print(markdown)
+        print(f"wrote {md_path} and {json_path}")
     return 0
