@@ -42,7 +42,8 @@ class _Block(nn.Module):
         self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
         pad = cout // 4
         self.shortcut = (
-            _Lambda(lambda x: F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, pad, pad))) if stride != 1 or cin != cout
+            _Lambda(lambda x: F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, pad, pad)))
+            if stride != 1 or cin != cout
             else nn.Identity()
         )
 
@@ -98,15 +99,20 @@ def main() -> None:
         losses.append(loss.item())
         if it < 10 or (it + 1) % args.every == 0:
             recent = losses[-args.every :]
-            print(f"{args.model} iter {it + 1} loss {losses[-1]:.3f} mean of last {len(recent)} "
-                  f"{sum(recent) / len(recent):.3f} ({time.time() - started:.0f} s)", flush=True)
+            print(
+                f"{args.model} iter {it + 1} loss {losses[-1]:.3f} mean of last {len(recent)} "
+                f"{sum(recent) / len(recent):.3f} ({time.time() - started:.0f} s)",
+                flush=True,
+            )
     model.eval()
     wrong = 0
     with torch.no_grad():
         for images, labels in data.eval_batches("test", 500):
             wrong += (model(images).argmax(1) != labels).sum().item()
-    print(f"{args.model} ResNet-{args.depth} lr {args.lr} seed {args.seed}: test error after {args.iters} "
-          f"iterations {100 * wrong / len(data.y_test):.2f}%")
+    print(
+        f"{args.model} ResNet-{args.depth} lr {args.lr} seed {args.seed}: test error after {args.iters} "
+        f"iterations {100 * wrong / len(data.y_test):.2f}%"
+    )
 
 
 if __name__ == "__main__":
