@@ -30,6 +30,7 @@ from resnet_repro.step import (
     GraphedIteration,
     TrainStep,
     autocast_context,
+    match_parameter_layouts,
 )
 from resnet_repro.tracking import Progress, ScalarLog, now_iso
 
@@ -192,6 +193,7 @@ def fit(
         saved = load_checkpoint(ckpt_path, fingerprint, plain_model)
         plain_model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
+        match_parameter_layouts(optimizer)
         if step.scaler is not None and saved.get("scaler"):
             step.scaler.load_state_dict(saved["scaler"])
         if schedule.warmup is not None:

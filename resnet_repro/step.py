@@ -92,6 +92,21 @@ def zero_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
                 optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
 
 
+def match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give every momentum buffer its parameter's memory layout (strides), after loading a checkpoint.
+
+    A checkpoint keeps the layout it was written with, so resuming it with another `trainer.channels_last` (or
+    on another device, where that key defaults differently) pairs channels_last parameters with contiguous
+    buffers or the reverse. Fused SGD assumes that the two share strides: CUDA's kernel refuses the step, CPU's
+    silently adds the wrong elements. The values are unchanged; only their order in memory is.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            buffer = optimizer.state[p].get("momentum_buffer") if p in optimizer.state else None
+            if buffer is not None and buffer.stride() != p.stride():
+                optimizer.state[p]["momentum_buffer"] = torch.empty_like(p).copy_(buffer)
+
+
 class TrainStep:
     """One SGD iteration: forward, loss, backward, non-finite guard, update. Also what `make bench` times."""
 
@@ -200,27 +215,29 @@ class GraphedIteration:
         started = time.perf_counter()
         state = self._state_tensors()
         saved = [t.detach().clone() for t in state]
-        self._load(0)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(GRAPH_WARMUP_STEPS):
-                self._body()
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.step.optimizer.zero_grad(set_to_none=True)  # gradients are then allocated in the graph's pool
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: another thread (e.g. a DataLoader's pin-memory thread) may allocate while this one captures
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.wrong = self._body()
-        torch.cuda.synchronize(device)
-        self.capture_peak_extra = torch.cuda.max_memory_allocated(device) - base
-        with torch.no_grad():
-            for tensor, value in zip(state, saved, strict=True):
-                tensor.copy_(value)
-        torch.cuda.synchronize(device)
+        try:
+            self._load(0)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(GRAPH_WARMUP_STEPS):
+                    self._body()
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.step.optimizer.zero_grad(set_to_none=True)  # gradients are then allocated in the graph's pool
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: another thread (e.g. a DataLoader's pin-memory thread) may allocate while this one captures
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.wrong = self._body()
+            torch.cuda.synchronize(device)
+            self.capture_peak_extra = torch.cuda.max_memory_allocated(device) - base
+        finally:  # also when capture fails: the warm-up steps' updates are undone either way
+            with torch.no_grad():
+                for tensor, value in zip(state, saved, strict=True):
+                    tensor.copy_(value)
+            torch.cuda.synchronize(device)
         self.capture_s = time.perf_counter() - started
         log.info("CUDA graph captured in %.1f s (%.0f MB extra)", self.capture_s, self.capture_peak_extra / 2**20)
 

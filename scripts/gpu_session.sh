@@ -69,10 +69,10 @@ fi
 
 case $phase in
 A)
-  step env 60 bash -c "nvidia-smi -L; nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu \
+  step env 30 bash -c "nvidia-smi -L; nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu \
 --format=csv; $PY -c 'import torch, torchvision; print(torch.__version__, torchvision.__version__, \
 torch.version.cuda, torch.backends.cudnn.version(), torch.cuda.is_available())'"
-  step pytest-gpu 110 "$PY" -m pytest -v -m gpu -p no:cacheprovider tests
+  step pytest-gpu 140 "$PY" -m pytest -v -m gpu -p no:cacheprovider tests
   step "bench-$arch_a" 140 "$PY" scripts/bench.py --arches "$arch_a" --ks '' --profile "${bench_sizes[@]}" \
     --out "$OUT/bench" --tag "gpu-$arch_a"
   # the deep net in two calls, so that the rows without compilation come back even if compiling is slow

@@ -278,38 +278,87 @@ def test_cuda_fast_step_equals_eager_step_in_float64(fast_path: str) -> None:
     assert_same_step(ref, ref_grads, fast, fast_grads, FP_TOL)
 
 
-@pytest.mark.gpu
-@needs_cuda
-def test_cuda_graph_step_equals_eager_fused_step() -> None:
-    """The captured step (aug + fwd + bwd + fused SGD) replays exactly what the uncaptured TrainStep does."""
-    dev = torch.device("cuda")
-    deterministic = torch.backends.cudnn.deterministic
-    torch.backends.cudnn.deterministic = True  # no atomics in the weight gradients: both sides run the same sums
-    try:
-        _graph_vs_eager(dev)
-    finally:
-        torch.backends.cudnn.deterministic = deterministic
+GRAPH_CONFIGS = {  # (precision, channels_last, torch.compile): fit's graphed configurations
+    "fp32": ("fp32", False, False),
+    "bf16-channels_last": ("bf16", True, False),  # the runner's CUDA default with trainer.cuda_graphs=true
+    "bf16-channels_last-compiled": ("bf16", True, True),  # + trainer.compile=true (bench config 5)
+}
+# Graph and eager run the same kernels on the same data, so they agree to rounding: fp32 within FP_TOL; bf16
+# within GRAPH_BF16_TOL, loose enough for a reordered sum rounded in bf16, far below what a real capture fault
+# leaves after 12 iterations (a rate frozen at 0.1, or the 3 warm-up updates not undone, move weights by ~1e-2).
+GRAPH_BF16_TOL = 1e-3
 
 
-def _graph_vs_eager(dev: torch.device) -> None:
-    data = DeviceData(random_cifar(256, 8, seed=0), None, dev, "pixel_mean", True, seed=0)
-    models = [fresh_model(8, seed=0, device=dev) for _ in range(2)]
+def _graph_and_eager(dev: torch.device, config: str):
+    """An EagerIteration and a captured GraphedIteration over the same data and the same initial model."""
+    precision, channels_last, compiled = GRAPH_CONFIGS[config]
+    data = DeviceData(random_cifar(256, 8, seed=0), None, dev, "pixel_mean", True, seed=0)  # 8 iterations/epoch
+    fmt = torch.channels_last if channels_last else torch.preserve_format
+    models = [fresh_model(8, seed=0, device=dev).to(memory_format=fmt) for _ in range(2)]
     opts = [make_sgd(m, LR, MOMENTUM, WD, fused=True) for m in models]
-    steps = [TrainStep(m, o, "fp32", dev) for m, o in zip(models, opts, strict=True)]
+    run = [torch.compile(m) if compiled else m for m in models]
+    steps = [TrainStep(r, o, precision, dev) for r, o in zip(run, opts, strict=True)]
     accs = [Accumulators.zeros(dev, 0) for _ in range(2)]
     eager = EagerIteration(steps[0], data, accs[0], 32)
     graphed = GraphedIteration(steps[1], data, accs[1], 32, capture=True)  # its warm-up steps are undone
     assert graphed.graph is not None
-    for i, lr in enumerate([0.1, 0.1, 0.01, 0.01, 0.001]):
-        eager(i, lr)
-        graphed(i, lr)
-    torch.cuda.synchronize()
+    return data, models, opts, accs, eager, graphed
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("config", list(GRAPH_CONFIGS))
+def test_cuda_graph_iteration_equals_eager_iteration(config: str) -> None:
+    """The captured iteration (aug + fwd + bwd + fused SGD + sums) replays what the eager one does: 12 iterations
+    across an epoch boundary and two rate changes; weights, BN buffers, momentum buffers and the interval sums."""
+    dev = torch.device("cuda")
+    deterministic = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True  # no atomics in the weight gradients: both sides run the same sums
+    try:
+        _, models, opts, accs, eager, graphed = _graph_and_eager(dev, config)
+        for i, lr in enumerate([0.1] * 4 + [0.01] * 4 + [0.001] * 4):
+            eager(i, lr)
+            graphed(i, lr)
+        torch.cuda.synchronize()
+    finally:
+        torch.backends.cudnn.deterministic = deterministic
+    tol = FP_TOL if GRAPH_CONFIGS[config][0] == "fp32" else GRAPH_BF16_TOL
     for p_ref, p_graph in zip(models[0].parameters(), models[1].parameters(), strict=True):
-        assert rel(p_graph, p_ref) <= FP_TOL
+        assert rel(p_graph, p_ref) <= tol
+        m_ref, m_graph = opts[0].state[p_ref]["momentum_buffer"], opts[1].state[p_graph]["momentum_buffer"]
+        assert rel(m_graph, m_ref) <= tol
     for b_ref, b_graph in zip(models[0].buffers(), models[1].buffers(), strict=True):
-        assert rel(b_graph.float(), b_ref.float()) <= FP_TOL
+        assert rel(b_graph.float(), b_ref.float()) <= tol
     for a_ref, a_graph in zip(accs[0].tensors(), accs[1].tensors(), strict=True):
-        assert rel(a_graph, a_ref) <= FP_TOL
+        assert rel(a_graph, a_ref) <= tol
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_graph_guard_skips_a_nonfinite_update_and_names_its_iteration() -> None:
+    """Inside the graph, a NaN batch (here: the normaliser's mean, read by the graph, set to NaN for iteration 3)
+    leaves weights and momentum untouched and records 3 as the first bad iteration; training goes on after it."""
+    dev = torch.device("cuda")
+    data, models, opts, accs, _, graphed = _graph_and_eager(dev, "fp32")
+    model, opt, acc = models[1], opts[1], accs[1]
+
+    def state() -> list[torch.Tensor]:
+        return [t.detach().clone() for p in model.parameters() for t in (p, opt.state[p]["momentum_buffer"])]
+
+    for i in range(3):
+        graphed(i, LR)
+    before = state()
+    mean = data.normalizer.mean.clone()
+    data.normalizer.mean.fill_(float("nan"))
+    graphed(3, LR)
+    data.normalizer.mean.copy_(mean)
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(state(), before, strict=True))
+    assert int(acc.first_bad) == 3
+    graphed(4, LR)
+    torch.cuda.synchronize()
+    assert not all(torch.equal(a, b) for a, b in zip(state(), before, strict=True))
+    assert int(acc.first_bad) == 3
 
 
 @pytest.mark.gpu
