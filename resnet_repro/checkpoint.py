@@ -29,6 +29,23 @@ REQUIRED_KEYS = ("config_fingerprint", "model", "optimizer", "rng", "run_state")
 RESUME_NEUTRAL_KEYS = ("trainer", "data.root", "data.path", "data.label", "runs_dir", "fail_at_iter")
 
 
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The generators' states a checkpoint keeps: the CPU generator's and, on CUDA, the run device's only (the
+    other GPUs' generators are not the run's, and a resumed run may land on another index, e.g. a sweep slot,
+    or on a machine with fewer GPUs)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_state(state: Mapping[str, torch.Tensor], device: torch.device) -> None:
+    """Put `rng_state`'s states back: the CPU generator's, and the CUDA one onto `device` when both are CUDA."""
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def config_fingerprint(config: dict[str, Any]) -> str:
     """sha256 of the config minus keys that do not change results: two runs resume each other only if equal."""
     cleaned = json.loads(json.dumps(config, sort_keys=True, default=str))

@@ -21,7 +21,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from resnet_repro import faults
-from resnet_repro.checkpoint import CHECKPOINT_NAME, atomic_write_json, load_checkpoint, save_checkpoint
+from resnet_repro.checkpoint import (
+    CHECKPOINT_NAME,
+    atomic_write_json,
+    load_checkpoint,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+)
 from resnet_repro.data import DeviceData
 from resnet_repro.optim import Schedule
 from resnet_repro.step import (
@@ -138,19 +145,6 @@ class RunState:
         return dict(self.__dict__)
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain module inside DDP / torch.compile wrappers."""
     model = getattr(model, "module", model)
@@ -198,7 +192,7 @@ def fit(
             step.scaler.load_state_dict(saved["scaler"])
         if schedule.warmup is not None:
             schedule.warmup.load_state_dict(saved["warmup"])
-        _set_rng_state(saved["rng"])
+        restore_rng_state(saved["rng"], device)
         state = RunState(**saved["run_state"])
         log.info("resumed from %s at iteration %d", ckpt_path, state.iteration)
     acc = Accumulators.zeros(device, state.iteration)
@@ -228,7 +222,7 @@ def fit(
                     "optimizer": run_iteration.optimizer_state(),
                     "scaler": step.scaler.state_dict() if step.scaler is not None else {},
                     "warmup": schedule.warmup.state_dict() if schedule.warmup is not None else {},
-                    "rng": _rng_state(),
+                    "rng": rng_state(device),
                     "run_state": state.state_dict(),
                     "interval": {"loss_sum": acc.loss_sum.item(), "wrong": acc.wrong.item(), "seen": acc.seen.item()},
                 },

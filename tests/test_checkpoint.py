@@ -26,6 +26,8 @@ from resnet_repro.checkpoint import (
     atomic_write_bytes,
     load_checkpoint,
     remove_stale_temp_files,
+    restore_rng_state,
+    rng_state,
     save_checkpoint,
     state_digest,
 )
@@ -226,3 +228,24 @@ def test_a_truncated_checkpoint_through_the_command_line_exits_2_without_a_trace
     assert f"to start this run over, delete {path}" in proc.stdout
     assert "Traceback" not in proc.stdout
     assert "iter 2/4" not in proc.stdout and not (run_dir / "metrics.json").exists()  # no step was taken
+
+
+def test_rng_state_keeps_the_run_devices_generator_and_restores_it_on_the_resumed_runs_device(monkeypatch):
+    """A run saved on cuda:3 of an 8-GPU machine resumes on cuda:0 of a 1-GPU one (or on another sweep slot):
+    the checkpoint holds the CPU generator and the run device's CUDA generator only, and a resume puts that one
+    on its own device. torch.cuda is mocked: no GPU here."""
+    cuda_states = {index: torch.full((4,), index, dtype=torch.uint8) for index in range(8)}
+    restored = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: cuda_states[torch.device(device).index])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
+    torch.manual_seed(7)
+    saved = rng_state(torch.device("cuda", 3))
+    assert set(saved) == {"cpu", "cuda"} and torch.equal(saved["cuda"], cuda_states[3])
+    torch.manual_seed(8)
+    restore_rng_state(saved, torch.device("cuda", 0))
+    assert torch.equal(torch.get_rng_state(), saved["cpu"])
+    assert len(restored) == 1 and torch.equal(restored[0][0], cuda_states[3])
+    assert torch.device(restored[0][1]) == torch.device("cuda", 0)
+    restored.clear()
+    restore_rng_state(saved, torch.device("cpu"))  # a CUDA run resumed on CPU: the CPU generator only
+    assert restored == [] and set(rng_state(torch.device("cpu"))) == {"cpu"}

@@ -17,6 +17,7 @@ from resnet_repro.bench.variants import (
     WEIGHT_DECAY,
     Variant,
 )
+from resnet_repro.checkpoint import rng_state
 from resnet_repro.data import DeviceData
 from resnet_repro.engine import RunState
 from resnet_repro.models import build_model
@@ -86,16 +87,13 @@ class OursRunner:
 
     def checkpoint_state(self) -> dict[str, Any]:
         """What `engine.fit` puts in checkpoints/last.pt (same keys, this runner's tensors)."""
-        rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
             "config_fingerprint": "0" * 64,
             "model": self.model.state_dict(),
             "optimizer": self.iterate.optimizer_state(),
             "scaler": {},
             "warmup": {},
-            "rng": rng,
+            "rng": rng_state(self.device),
             "run_state": RunState(iteration=self.iteration).state_dict(),
             "interval": {
                 "loss_sum": self.acc.loss_sum.item(),
