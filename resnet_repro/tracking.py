@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import platform
 import socket
 import subprocess
@@ -14,13 +15,18 @@ import torch
 log = logging.getLogger(__name__)
 
 
+GIT_SHA_ENV = "RESNET_REPRO_GIT_SHA"
+
+
 def git_sha(cwd: Path | None = None) -> str | None:
-    """The current commit of the source tree (with `-dirty` if modified), or None outside git."""
+    """The current commit of the source tree (with `-dirty` if modified); outside git (a copied tree, e.g. on a
+    GPU machine the repository is sent to without .git) `$RESNET_REPRO_GIT_SHA` if set, else None."""
     here = cwd or Path(__file__).resolve().parent
+    fallback = os.environ.get(GIT_SHA_ENV) or None
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
         if sha.returncode != 0:
-            return None
+            return fallback
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
             cwd=here,
@@ -30,7 +36,7 @@ def git_sha(cwd: Path | None = None) -> str | None:
         ).stdout.strip()
         return sha.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return None
+        return fallback
 
 
 def device_name(device: torch.device) -> str:

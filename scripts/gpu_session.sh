@@ -1,95 +1,117 @@
 #!/usr/bin/env bash
 # What only a GPU can answer (issues 6 and 8), prepared for the device tool's short lease: two phases of one call
-# each (under 10 min), every step under its own time limit so that a slow step costs only itself, and everything
-# written under $OUT (the device tool brings $OUT back).
+# each, every step under its own time limit so that a slow step costs only itself.
 #
-#   here:        ../shared/device/stage.sh                      # fills .device/ (wheels, sample, JPEG CIFAR-10)
+#   here:        ../shared/device/stage.sh         # fills .device/ (wheels, sample, JPEG CIFAR-10)
+#                .venv/bin/python -c 'from resnet_repro.tracking import git_sha; print(git_sha())' > .device/git_sha
 #   device tool: run  command="bash scripts/gpu_session.sh A"  carry=[".device"]  timeout_s=570
-#                run  command="bash scripts/gpu_session.sh B"  carry=[".device"]  timeout_s=<what is left>
+#                run  command="bash scripts/gpu_session.sh B"  carry=[".device"]  timeout_s=<left - 60>
 #
-# A 15-minute lease (start-up, a minute or more, included) fits A and about 200 s of B: run B at once after A,
-# while the machine is warm, with timeout_s = what status says is left minus a minute; B's steps are in order of
-# what issue 6 needs (K first), so a short B still brings the default K back. The step limits are estimates made
-# without a GPU (no GPU was lent when this was written): after the first real run, set them from $OUT/steps.tsv.
+# A 15-minute lease includes the machine's start (a minute or more): A and about 200 s of B fit. Run B at once
+# after A (the machine stays warm for 30 s only). Each phase's steps are in the order of what issue 6 needs, so a
+# phase cut short still brings back what came first. The step limits are estimates made without a GPU (none was
+# lent when this was written): after the first real run, set them from steps.tsv.
 #
-# A: CUDA correctness gates and the runner learning on CUDA, eager, compiled and graphed (pytest -m gpu), then
-#    `make bench` for ResNet-20 and ResNet-110 (every config).
-# B: K runs per GPU (aggregate img/s, K = 1,2,4,8), then one full 64k-iteration ResNet-20 on CIFAR-10 (JPEG
-#    re-encoded) through the real runner; a run cut off by its limit comes back with its checkpoint and resumes
-#    when B is run again with $OUT/runs copied back into runs/ (or RUNS_DIR pointed at it).
-# Afterwards, here (each call's $OUT starts empty there): merge both phases' reports into one table with the
-# default K and the Figure-6 suite projection:
-#   python scripts/bench.py --combine A_FILES/bench/bench-gpu-*.json B_FILES/bench/bench-gpu-k.json \
-#     --out results/bench --tag <gpu name>
+# A: `make bench` rows without compilation for ResNet-20 and ResNet-110 (baseline, (1)-(3), (5b) CUDA graph),
+#    K runs per GPU (aggregate img/s, K = 1,2,4,8), then the CUDA correctness gates and the runner learning on
+#    CUDA, eager, compiled and graphed (pytest -m gpu).
+# B: the compiled rows ((4), (5)) for ResNet-20 and ResNet-110, then one full 64k-iteration ResNet-20 on CIFAR-10
+#    (JPEG re-encoded) through the real runner (graphed; the eager runner resumes it if that fails). A run cut off
+#    by its limit comes back with its checkpoint; it resumes in a later call that carries it back (e.g. extract it
+#    into runs/gpu, carry [".device", "runs/gpu"], RUNS_DIR=runs/gpu).
+#
+# What comes back: the device tool returns at most 8 files from $OUT, at most 2 folders deep, with plain names, so
+# everything is written under $WORK and packed into $OUT/phase-<A|B>.tgz after every step (a new archive
+# replaces the old one whole); $OUT/session.log and $OUT/steps.tsv sit beside it. Afterwards, here:
+#   mkdir -p /tmp/gpuA /tmp/gpuB && tar xzf FILES_AT_A/phase-A.tgz -C /tmp/gpuA && tar xzf FILES_AT_B/phase-B.tgz -C /tmp/gpuB
+#   python scripts/bench.py --combine /tmp/gpuA/bench/*.json /tmp/gpuB/bench/*.json --out results/bench --tag <gpu>
+# (one table with the default K and the Figure-6 suite projection over both phases' rows).
 # Rehearse on a CPU machine (tiny sizes, the sample instead of CIFAR-10): GPU_SESSION_QUICK=1 PY=.venv/bin/python
-#   OUT=/tmp/out bash scripts/gpu_session.sh A   (and B). Step results: $OUT/steps.tsv, logs: $OUT/<step>.log.
+#   OUT=/tmp/out bash scripts/gpu_session.sh A   (and B).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 phase=${1:?usage: gpu_session.sh A|B}
 OUT=${OUT:?set OUT to the folder that comes back}
 QUICK=${GPU_SESSION_QUICK:-0}
 PY=${PY:-python3}
-RUNS_DIR=${RUNS_DIR:-$OUT/runs}
-mkdir -p "$OUT"
-
-if [ -d .device/wheels ] && ! "$PY" -c "import hydra, omegaconf" 2>/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/wheels/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-export PYTHONPATH=${PYTHONPATH:-$PWD}
-if [ -f .device/data/cifar10_sample.npz ]; then export RESNET_REPRO_SAMPLE_NPZ=$PWD/.device/data/cifar10_sample.npz; fi
+WORK=${WORK:-/tmp/gpu-session-$phase}
+RUNS_DIR=${RUNS_DIR:-$WORK/runs}
+mkdir -p "$OUT" "$WORK"
 
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$OUT/session.log"; }
 
-# step NAME LIMIT_S CMD...: run CMD with a time limit, log to $OUT/NAME.log, record rc and seconds.
+# pack: $WORK into $OUT/phase-$phase.tgz, replacing the previous archive only once the new one is complete
+pack() {
+  tar czf "$OUT/phase-$phase.tgz.tmp" -C "$WORK" . && mv -f "$OUT/phase-$phase.tgz.tmp" "$OUT/phase-$phase.tgz"
+}
+
+# step NAME LIMIT_S CMD...: run CMD with a time limit, log to $WORK/NAME.log, record rc and seconds, pack.
 step() {
   local name=$1 limit=$2 started rc
   shift 2
   log "start $name (limit ${limit}s): $*"
   started=$(date +%s)
-  timeout --signal=TERM --kill-after=15 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  timeout --signal=TERM --kill-after=10 "$limit" "$@" >"$WORK/$name.log" 2>&1
   rc=$?
-  printf '%s\t%s\t%s\t%s\n' "$phase" "$name" "$rc" "$(($(date +%s) - started))" >>"$OUT/steps.tsv"
+  printf '%s\t%s\t%s\t%s\n' "$phase" "$name" "$rc" "$(($(date +%s) - started))" | tee -a "$WORK/steps.tsv" \
+    >>"$OUT/steps.tsv"
   log "end $name rc=$rc ($(($(date +%s) - started)) s)"
-  tail -n 3 "$OUT/$name.log"
+  tail -n 3 "$WORK/$name.log"
+  pack
 }
 
+if [ -d .device/wheels ] && ! "$PY" -c "import hydra, omegaconf" 2>/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/wheels/*.whl
+  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1
+if [ -f .device/git_sha ]; then export RESNET_REPRO_GIT_SHA=$(cat .device/git_sha); fi
+
 if [ "$QUICK" = 1 ]; then
+  sample=../shared/data/cifar10-sample/cifar10_sample.npz
   bench_sizes=(--windows 2 --iters 2 --warmup 1 --num-images 512 --ckpt-repeats 1)
   arch_a=resnet-20 arch_b=resnet-56 ks=1,2 k_iters=5 k_arches=resnet-20
-  data=(data=npz data.path=../shared/data/cifar10-sample/cifar10_sample.npz "data.label='CIFAR-10 sample (rehearsal)'")
+  data=(data=npz "data.path=$sample" "data.label='CIFAR-10 sample (rehearsal)'")
   train_len=(optim.max_iter=20 "optim.milestones=[10,15]" trainer.eval_every=10 trainer.log_every=5
     trainer.checkpoint_every=10)
 else
+  sample=.device/data/cifar10_sample.npz
   bench_sizes=(--windows 5 --iters 100 --warmup 20)
-  arch_a=resnet-20 arch_b=resnet-110 ks=1,2,4,8 k_iters=300 k_arches=resnet-20,resnet-110
+  arch_a=resnet-20 arch_b=resnet-110 ks=1,2,4,8 k_iters=200 k_arches=resnet-20,resnet-110
   data=(data=npz data.path=/tmp/cifar10_jpeg.npz "data.label='CIFAR-10 (JPEG re-encoded)'")
   train_len=()
 fi
+if [ ! -f "$sample" ]; then  # the runner tests would skip without it, and the lease would be spent for less
+  log "the CIFAR-10 sample is missing at $sample: run ../shared/device/stage.sh here and carry .device"
+  exit 2
+fi
+export RESNET_REPRO_SAMPLE_NPZ=$PWD/$sample
+pytest_limits=()
+if "$PY" -c "import pytest_timeout" 2>/dev/null; then pytest_limits=(--timeout=90); fi
+
+bench() {  # bench NAME LIMIT_S BENCH_ARGS...: one call of make bench's script, its report under $WORK/bench
+  local name=$1 limit=$2
+  shift 2
+  step "$name" "$limit" "$PY" scripts/bench.py "$@" "${bench_sizes[@]}" --out "$WORK/bench" --tag "gpu-$name"
+}
 
 case $phase in
 A)
-  step env 30 bash -c "nvidia-smi -L; nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu \
+  step env 20 bash -c "nvidia-smi -L; nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu \
 --format=csv; $PY -c 'import torch, torchvision; print(torch.__version__, torchvision.__version__, \
 torch.version.cuda, torch.backends.cudnn.version(), torch.cuda.is_available())'"
-  step pytest-gpu 140 "$PY" -m pytest -v -m gpu -p no:cacheprovider tests
-  step "bench-$arch_a" 140 "$PY" scripts/bench.py --arches "$arch_a" --ks '' --profile "${bench_sizes[@]}" \
-    --out "$OUT/bench" --tag "gpu-$arch_a"
-  # the deep net in two calls, so that the rows without compilation come back even if compiling is slow
-  step "bench-$arch_b-eager" 110 "$PY" scripts/bench.py --arches "$arch_b" --ks '' \
-    --configs baseline,ours-1,ours-2,ours-3,ours-5b --profile "${bench_sizes[@]}" --out "$OUT/bench" \
-    --tag "gpu-$arch_b-eager"
-  step "bench-$arch_b-compiled" 150 "$PY" scripts/bench.py --arches "$arch_b" --ks '' \
-    --configs baseline,ours-4,ours-5 --no-checkpoint "${bench_sizes[@]}" --out "$OUT/bench" \
-    --tag "gpu-$arch_b-compiled"
+  eager=(--ks '' --configs baseline,ours-1,ours-2,ours-3,ours-5b --profile)
+  bench "$arch_a-eager" 80 --arches "$arch_a" "${eager[@]}"
+  bench "$arch_b-eager" 100 --arches "$arch_b" "${eager[@]}"
+  bench k 130 --arches '' --ks "$ks" --k-arches "$k_arches" --k-iters "$k_iters"
+  step pytest-gpu 160 "$PY" -m pytest -v -m gpu -p no:cacheprovider --durations=0 "${pytest_limits[@]}" tests
   ;;
 B)
-  # issue 6's measurement first (the default K and the Figure-6 suite projection); the data for the training run
-  # is decoded only after it, so a short remainder of the lease still brings K back
-  step bench-k 150 "$PY" scripts/bench.py --arches '' --ks "$ks" --k-arches "$k_arches" --k-iters "$k_iters" \
-    "${bench_sizes[@]}" --out "$OUT/bench" --tag gpu-k
+  compiled=(--ks '' --configs baseline,ours-4,ours-5 --no-checkpoint)
+  bench "$arch_a-compiled" 100 --arches "$arch_a" "${compiled[@]}"
+  bench "$arch_b-compiled" 130 --arches "$arch_b" "${compiled[@]}"
   if [ "$QUICK" != 1 ]; then
-    step decode 90 "$PY" .device/data/to_npz.py /tmp/cifar10_jpeg.npz
+    step decode 60 "$PY" .device/data/to_npz.py /tmp/cifar10_jpeg.npz
   fi
   # The fastest runner first (the whole iteration as one CUDA graph); if it fails, the eager runner resumes the
   # same run directory (trainer.* keys do not change it) with what is left of the lease.
@@ -97,7 +119,7 @@ B)
     trainer.progress=false)
   if [ "$QUICK" = 1 ]; then graphs=false; else graphs=true; fi
   step train-resnet-20 250 "${train[@]}" "trainer.cuda_graphs=$graphs"
-  if ! grep -q $'\ttrain-resnet-20\t0\t' "$OUT/steps.tsv"; then
+  if ! grep -q $'\ttrain-resnet-20\t0\t' "$WORK/steps.tsv"; then
     step train-resnet-20-eager 150 "${train[@]}"
   fi
   ;;

@@ -208,6 +208,34 @@ def test_arch_parsing() -> None:
         parse_arch("resnet_x")
 
 
+def test_a_cuda_device_is_picked_with_its_index(monkeypatch) -> None:
+    """`torch.cuda.set_device` refuses a device without an index: `auto` and `cuda` resolve to the current one
+    (torch.cuda mocked: no GPU here)."""
+    from resnet_repro.bench.cli import pick_device
+
+    assert pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    for name in ("auto", "cuda"):
+        assert pick_device(name) == torch.device("cuda", 2)
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")
+    with pytest.raises(SystemExit, match="not available"):
+        pick_device("cuda")
+
+
+def test_reports_name_the_commit_outside_git_when_told(tmp_path: Path, monkeypatch) -> None:
+    """A tree copied without .git (the GPU machine's) records `$RESNET_REPRO_GIT_SHA`, else None."""
+    from resnet_repro.tracking import GIT_SHA_ENV, git_sha
+
+    monkeypatch.delenv(GIT_SHA_ENV, raising=False)
+    assert git_sha(tmp_path) is None
+    monkeypatch.setenv(GIT_SHA_ENV, "0123abc-dirty")
+    assert git_sha(tmp_path) == "0123abc-dirty"
+    assert git_sha() not in (None, "0123abc-dirty")  # inside this checkout, git itself answers
+
+
 def test_k_recommendation_only_from_a_gpu() -> None:
     results = [
         {"arch": "ResNet-20", "k": k, "status": "ok", "img_per_s": v}
@@ -266,6 +294,24 @@ def test_combine_merges_per_arch_reports_and_recomputes_k_and_the_suite(bench_ru
     assert merged["figure6_suite"]["sequential_s"] == pytest.approx(expected_ms * 64)
     assert merged["figure6_suite"]["concurrent_s"] == pytest.approx(expected_ms * 64 / 1.95)
     assert "Figure-6 suite projection" in (tmp_path / "bench-combined.md").read_text()
+
+
+def test_combined_rows_are_compared_with_the_baseline_timed_beside_them(bench_run) -> None:
+    """Two calls on one arch (gpu_session.sh's eager and compiled rows), each with its own baseline: each row's
+    best-window speedup is against its own call's baseline, not the first one of its arch."""
+    from resnet_repro.bench.report import render_markdown
+
+    report, _, _ = bench_run
+    template = next(r for r in report["rows"] if r["status"] == "ok" and r["config"] != "baseline")
+    base = next(r for r in report["rows"] if r["config"] == "baseline")
+    rows = []
+    for config, best_ms in [("baseline", 10.0), ("ours-3", 5.0), ("baseline", 20.0), ("ours-4", 4.0)]:
+        row = dict(base if config == "baseline" else template, config=config, best_ms=best_ms, label=config)
+        rows.append(row)
+    combined = dict(json.loads(json.dumps(report)), rows=rows, figure6_suite=None)
+    table = render_markdown(combined).split("## Throughput")[1].split("\n\n")[1]  # the throughput table only
+    best_window = [line.split(" | ")[9] for line in table.splitlines()[2:]]
+    assert best_window == ["1.00x", "2.00x", "1.00x", "5.00x"]
 
 
 def test_combine_refuses_reports_of_different_devices(bench_run, tmp_path: Path) -> None:

@@ -263,7 +263,10 @@ def test_cuda_augmentation_and_plan_equal_cpu() -> None:
 @needs_cuda
 @pytest.mark.parametrize("fast_path", ["channels_last", "compiled"])
 def test_cuda_fast_step_equals_eager_step_in_float64(fast_path: str) -> None:
-    """The float64 gate on CUDA: cuDNN's NHWC kernels, or Inductor's fused kernels (torch.compile), change no math."""
+    """The float64 gate on CUDA: channels_last tensors through our model and step, or Inductor's fused kernels
+    (torch.compile), change no math. cuDNN has no float64 NHWC kernels (ATen's ConvUtils.h turns NHWC off for
+    double), so the channels_last case checks the layout's handling, not cuDNN's NHWC kernels: those run (in bf16)
+    in the bf16-band and graph tests below, against a tolerance rather than float64."""
     dev = torch.device("cuda")
     model = fresh_model(8, seed=0, dtype=torch.float64, device=dev)
     x, y = batch(32, seed=0, dtype=torch.float64, device=dev)

@@ -116,12 +116,14 @@ def resolve_defaults(args: argparse.Namespace, device: torch.device) -> None:
 
 
 def pick_device(name: str) -> torch.device:
-    """auto -> cuda if available else cpu."""
+    """auto -> cuda if available else cpu; a CUDA device always with its index (`torch.cuda.set_device` needs it)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: CUDA is not available here")
+        raise SystemExit(f"--device {name}: CUDA is not available here")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 

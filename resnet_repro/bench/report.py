@@ -170,12 +170,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         "| speedup vs baseline | best-window speedup | peak mem (MB) |",
         "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    best: dict[str, dict[str, float]] = {}  # arch -> config -> baseline best window / this config's best window
-    for r in report["rows"]:
-        base = next((b for b in report["rows"] if b["arch"] == r["arch"] and b["config"] == "baseline"), None)
-        if base and base.get("best_ms") and r.get("best_ms"):
-            best.setdefault(r["arch"], {})[r["config"]] = base["best_ms"] / r["best_ms"]
-    for r in report["rows"]:
+    rows = report["rows"]
+    best: list[float | None] = []  # per row: its baseline's best window / its best window
+    for i, r in enumerate(rows):
+        # the baseline timed beside it: the nearest one before it of its arch (a combined report holds several)
+        base = next((b for b in reversed(rows[: i + 1]) if b["arch"] == r["arch"] and b["config"] == "baseline"), None)
+        ok = base and base.get("best_ms") and r.get("best_ms")
+        best.append(base["best_ms"] / r["best_ms"] if ok else None)
+    for r, best_speedup in zip(rows, best, strict=True):
         if r["status"] != "ok":
             lines.append(f"| {r['arch']} | {r['label']} | {r['settings']} | {r['status']}: {r['note']} | | | | | | | |")
             continue
@@ -185,7 +187,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {r['arch']} | {r['label']} | {r['settings']}{' (' + r['note'] + ')' if r['note'] else ''} | "
             f"{_fmt_ms(r['ms_per_iter'])} | {windows} | "
             f"{_fmt(r['img_per_s'], ',.0f')} | {_fmt_s(r['projected_64k_s'])} | {one} | "
-            f"{_fmt(r['speedup'], '.2f')}x | {_fmt(best.get(r['arch'], {}).get(r['config']), '.2f')}x | "
+            f"{_fmt(r['speedup'], '.2f')}x | {_fmt(best_speedup, '.2f')}x | "
             f"{_fmt(r['peak_mem_mb'], '.0f') if r['peak_mem_mb'] else 'n/a'} |"
         )
     lines += ["", f"Peak memory: {report['rows'][0]['peak_mem_note'] if report['rows'] else ''}.", ""]

@@ -67,7 +67,8 @@ def plan_variants(device: torch.device, compile_on_cpu: bool, only: list[str] | 
         precision="bf16",
         channels_last=cuda,
     )
-    v3 = replace(v2, key="ours-3", label="(3) + fused SGD", sgd="fused")
+    # fused SGD skips a non-finite update on the device; (1) and (2) decide on the host, one sync per step
+    v3 = replace(v2, key="ours-3", label="(3) + fused SGD (guard on device: no host sync)", sgd="fused")
     v4 = replace(v3, key="ours-4", label="(4) + torch.compile", compile=True)
     v5 = replace(v4, key="ours-5", label="(5) + CUDA graph (aug+fwd+bwd+SGD)", graphs=True)
     # Not cumulative: (3) + graph without compile, i.e. no per-run compile time (matters for a 9-run suite).
