@@ -153,33 +153,42 @@ def test_checkpoint_overhead_and_several_processes_reported(bench_run) -> None:
 
 
 def test_a_benchmark_stopped_mid_way_keeps_what_it_finished(tmp_path: Path, monkeypatch) -> None:
-    """The report is rewritten after every arch and every K, so a benchmark stopped by a time limit (each step of
-    scripts/gpu_session.sh has one) leaves its finished rows and K values on disk, marked partial."""
+    """The report is rewritten after every round, arch and K, so a benchmark stopped by a time limit (each step
+    of scripts/gpu_session.sh has one) leaves what it finished on disk, marked partial."""
     from resnet_repro.bench import cli
 
-    on_disk = {}
+    written = []  # (stage, windows per row, K values) of every report written, in order
+    real_write = cli.write_report
+
+    def recording_write(report, out_dir, tag, echo=True):
+        windows = [len(r["windows_ms"]) for r in report["rows"]]
+        written.append((report["meta"]["stage"], windows, [r["k"] for r in report["concurrency"]["results"]]))
+        return real_write(report, out_dir, tag, echo)
 
     def stopped_after_k1(arch, depth, ks, args, device, config, log_dir, on_result):
         assert ks == [1, 2]
-        on_disk["after arch"] = json.loads((tmp_path / "bench-stopped.json").read_text())
-        cli_measure(arch, depth, [1], args, device, config, log_dir, on_result)  # the real K=1 measurement
+        real_measure(arch, depth, [1], args, device, config, log_dir, on_result)  # the real K=1 measurement
         raise KeyboardInterrupt  # what the time limit's signal does before K=2
 
-    cli_measure = cli.measure_concurrency
+    real_measure = cli.measure_concurrency
     monkeypatch.setattr(cli, "measure_concurrency", stopped_after_k1)
+    monkeypatch.setattr(cli, "write_report", recording_write)
     args = ["--device", "cpu", "--arches", "resnet-8", "--configs", "baseline,ours-1", "--batch-size", "16",
-            "--iters", "1", "--windows", "1", "--warmup", "1", "--num-images", "32", "--workers", "0",
+            "--iters", "1", "--windows", "2", "--warmup", "1", "--num-images", "32", "--workers", "0",
             "--ks", "1,2", "--k-arches", "resnet-8", "--k-iters", "2", "--k-num-images", "16", "--no-checkpoint",
             "--threads", "1",
             "--out", str(tmp_path), "--tag", "stopped"]  # fmt: skip
     with pytest.raises(KeyboardInterrupt):
         cli.main(args)
-    first = on_disk["after arch"]
-    assert first["meta"]["complete"] is False and first["meta"]["stage"] == "the ResNet-8 rows"
-    assert [r["config"] for r in first["rows"]] == ["baseline", "ours-1"] and first["concurrency"]["results"] == []
+    assert written == [
+        ("1 of 2 rounds of ResNet-8", [1, 1], []),
+        ("the ResNet-8 rows", [2, 2], []),
+        ("K=1 of ResNet-8", [2, 2], [1]),
+    ]
     last = json.loads((tmp_path / "bench-stopped.json").read_text())
     assert last["meta"]["complete"] is False and last["meta"]["stage"] == "K=1 of ResNet-8"
-    assert [r["status"] for r in last["rows"]] == ["ok", "ok"]
+    assert [r["config"] for r in last["rows"]] == ["baseline", "ours-1"]
+    assert [r["status"] for r in last["rows"]] == ["ok", "ok"] and last["rows"][0]["speedup"] == pytest.approx(1.0)
     assert [(r["k"], r["status"]) for r in last["concurrency"]["results"]] == [(1, "ok")]
     md = (tmp_path / "bench-stopped.md").read_text()
     assert "Partial report" in md and "last written: K=1 of ResNet-8" in md

@@ -25,6 +25,7 @@ import resource
 import shlex
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -168,15 +169,27 @@ def main(argv: list[str] | None = None) -> int:
     profiles: list[str] = []
     conc_results: list[dict] = []
 
-    def save(stage: str, conc: list[dict], complete: bool = False) -> int:
-        """Write the report of what is measured so far (after every arch and every K: a benchmark killed by a
+    def save(stage: str, conc: list[dict], more_rows: Sequence[Row] = (), complete: bool = False) -> int:
+        """Write the report of what is measured so far (after every round, arch and K: a benchmark killed by a
         time limit keeps what it finished)."""
         meta = run_meta(argv, device, env, loadavg_before, complete, stage)
-        report = assemble_report(meta, settings, rows, order, checkpoints, conc, profiles, device)
+        report = assemble_report(meta, settings, [*rows, *more_rows], order, checkpoints, conc, profiles, device)
         return write_report(report, out_dir, tag, echo=complete)
 
     for arch, depth in arches:
-        arch_rows, (fast_runner, fast_row) = measure_arch(arch, depth, plan, args, device, arrays, order)
+        name = arch_name(arch, depth)
+        arch_rows, (fast_runner, fast_row) = measure_arch(
+            arch,
+            depth,
+            plan,
+            args,
+            device,
+            arrays,
+            order,
+            on_round=lambda part, done, name=name: save(
+                f"{done} of {args.windows} rounds of {name}", conc_results, part
+            ),
+        )
         rows += arch_rows
         if fast_runner is not None and not args.no_checkpoint:
             checkpoints.append(measure_checkpoint(fast_runner, fast_row, Path(args.ckpt_dir), args.ckpt_repeats))
@@ -187,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         del fast_runner
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        save(f"the {arch_name(arch, depth)} rows", conc_results)
+        save(f"the {name} rows", conc_results)
     ks = [int(k) for k in args.ks.split(",") if k.strip()]
     if ks:
         with tempfile.TemporaryDirectory(prefix="bench-k-") as tmp:

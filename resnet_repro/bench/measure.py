@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import logging
 import re
 import shutil
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -69,9 +71,11 @@ def measure_arch(
     device: torch.device,
     arrays: ImageArrays,
     order: list[dict],
+    on_round: Callable[[list[Row], int], None] | None = None,
 ) -> tuple[list[Row], Any]:
     """Warm up every runnable config of one arch, then time them in interleaved rounds; returns rows and the
-    fastest of our runners (for the checkpoint measurement)."""
+    fastest of our runners (for the checkpoint measurement). `on_round(rows so far, rounds done)` is called after
+    each round with summarised copies, so a caller can save what is measured as it comes."""
     name = arch_name(arch, depth)
     shared = DeviceData(arrays, None, device, "pixel_mean", True, seed=0)
     rows: list[Row] = []
@@ -147,6 +151,21 @@ def measure_arch(
                 row.windows_cpu_share.append(round(share, 3))
             order.append({"seq": len(order), "arch": name, "config": row.config, "round": rnd, "ms_per_iter": ms})
             log.info("%s round %d %-8s %8.2f ms/iter", name, rnd, row.config, ms)
+        if on_round is not None and rnd + 1 < args.windows:
+            partial = copy.deepcopy(rows)
+            _summarise(partial, warm_wall, args, device)
+            on_round(partial, rnd + 1)
+    _summarise(rows, warm_wall, args, device)
+    ours_ok = [r for r in rows if r.status == "ok" and r.ms_per_iter and r.config != "baseline"]
+    fastest = min(ours_ok, key=lambda r: r.ms_per_iter) if ours_ok else None
+    for key, runner in runners.items():
+        if fastest is None or key != fastest.config:
+            runner.close()
+    return rows, (runners.get(fastest.config), fastest) if fastest else (None, None)
+
+
+def _summarise(rows: list[Row], warm_wall: dict[str, float], args: argparse.Namespace, device: torch.device) -> None:
+    """Medians, throughput, projections and speedups (vs this arch's baseline) from the windows timed so far."""
     baseline_ms = None
     for row in rows:
         if row.status == "ok" and row.windows_ms:
@@ -163,12 +182,6 @@ def measure_arch(
     for row in rows:
         if baseline_ms and row.ms_per_iter:
             row.speedup = baseline_ms / row.ms_per_iter
-    ours_ok = [r for r in rows if r.status == "ok" and r.ms_per_iter and r.config != "baseline"]
-    fastest = min(ours_ok, key=lambda r: r.ms_per_iter) if ours_ok else None
-    for key, runner in runners.items():
-        if fastest is None or key != fastest.config:
-            runner.close()
-    return rows, (runners.get(fastest.config), fastest) if fastest else (None, None)
 
 
 def _time_window(runner, iters: int, device: torch.device) -> float:
