@@ -15,7 +15,8 @@
 # A: `make bench` rows without compilation for ResNet-20 and ResNet-110 (baseline, (1)-(3), (5b) CUDA graph),
 #    K runs per GPU (aggregate img/s, K = 1,2,4,8), then the CUDA correctness gates and the runner learning on
 #    CUDA, eager, compiled and graphed (pytest -m gpu).
-# B: the compiled rows ((4), (5)) for ResNet-20 and ResNet-110, then one full 64k-iteration ResNet-20 on CIFAR-10
+# B: the compiled rows ((4), (5)) for ResNet-20 and ResNet-110, `make reproduce PROFILE=quick` on the sample
+#    through the local launcher (4 runs per GPU), then one full 64k-iteration ResNet-20 on CIFAR-10
 #    (JPEG re-encoded) through the real runner (graphed; the eager runner resumes it if that fails). A run cut off
 #    by its limit comes back with its checkpoint; it resumes in a later call that carries it back (e.g. extract it
 #    into runs/gpu, carry [".device", "runs/gpu"], RUNS_DIR=runs/gpu).
@@ -74,12 +75,14 @@ if [ "$QUICK" = 1 ]; then
   data=(data=npz "data.path=$sample" "data.label='CIFAR-10 sample (rehearsal)'")
   train_len=(optim.max_iter=20 "optim.milestones=[10,15]" trainer.eval_every=10 trainer.log_every=5
     trainer.checkpoint_every=10)
+  quick_len=(optim.max_iter=6 "optim.milestones=[3,5]" trainer.eval_every=3 trainer.log_every=3
+    trainer.checkpoint_every=3)
 else
   sample=.device/data/cifar10_sample.npz
   bench_sizes=(--windows 5 --iters 100 --warmup 20)
   arch_a=resnet-20 arch_b=resnet-110 ks=1,2,4,8 k_iters=200 k_arches=resnet-20,resnet-110
   data=(data=npz data.path=/tmp/cifar10_jpeg.npz "data.label='CIFAR-10 (JPEG re-encoded)'")
-  train_len=()
+  train_len=() quick_len=()
 fi
 if [ ! -f "$sample" ]; then  # the runner tests would skip without it, and the lease would be spent for less
   log "the CIFAR-10 sample is missing at $sample: run ../shared/device/stage.sh here and carry .device"
@@ -110,6 +113,11 @@ B)
   compiled=(--ks '' --configs baseline,ours-4,ours-5 --no-checkpoint)
   bench "$arch_a-compiled" 100 --arches "$arch_a" "${compiled[@]}"
   bench "$arch_b-compiled" 130 --arches "$arch_b" "${compiled[@]}"
+  # the product end to end on CUDA: make reproduce's quick profile (4 runs on the sample, a sweep through the
+  # local launcher with 4 runs sharing the GPU by slots, Figure 7 responses, plots)
+  step reproduce-quick 120 env RESNET_REPRO_RUNS_PER_GPU=4 "RESNET_REPRO_SLOT_DIR=$WORK/slots" "$PY" -m \
+    resnet_repro.reproduce --profile quick --data "$sample" --label "CIFAR-10 sample (GPU smoke)" --launcher local \
+    --runs-dir "$WORK/runs-quick" --results-dir "$WORK/results" "${quick_len[@]}"
   if [ "$QUICK" != 1 ]; then
     step decode 60 "$PY" .device/data/to_npz.py /tmp/cifar10_jpeg.npz
   fi
