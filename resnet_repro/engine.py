@@ -107,9 +107,10 @@ def evaluate(
 
 
 class StopSignal:
-    """Turns SIGTERM/SIGUSR1 into a flag checked at step boundaries (Slurm preemption)."""
+    """Turns SIGTERM/SIGUSR1/SIGUSR2 into a flag checked at step boundaries (Slurm preemption and time limits;
+    SIGUSR2 is what hydra-submitit-launcher's jobs are sent before their time limit)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -123,6 +124,14 @@ class StopSignal:
 
     def _handle(self, signum, frame) -> None:
         self.received = signum
+
+    def pass_on(self) -> None:
+        """After the checkpoint: if SIGUSR2 arrived and a Python handler had it before us, call that handler.
+        Under submitit it requeues the Slurm job and exits, now without losing iterations. Other signals, and
+        default or ignored handlers, are left alone (the run then stops with Preempted)."""
+        previous = self._previous.get(signal.SIGUSR2)
+        if self.received == signal.SIGUSR2 and callable(previous):
+            previous(self.received, None)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -289,6 +298,7 @@ def fit(
                     scalars.flush()
                     interval_start = time.perf_counter()
                 if stopping and not done:
+                    stop.pass_on()
                     name = signal.Signals(stop.received).name if stop.received is not None else "stop (another rank)"
                     raise Preempted(
                         f"{name} received; checkpoint written at iteration {state.iteration} to {ckpt_path}; "

@@ -12,7 +12,7 @@ Points (`iteration` = iterations completed when the point is reached):
   the checkpoint taken after `iteration` iterations (checkpoint.atomic_write_bytes): data written and flushed
   but not fsynced; fsynced but not yet renamed over last.pt; renamed but the directory not yet fsynced.
 Actions: `kill` (default; SIGKILL, so nothing runs after it: no `finally`, no cleanup), `raise` (FaultInjected,
-an ordinary exception), `term` / `usr1` (send SIGTERM / SIGUSR1 to this process and carry on).
+an ordinary exception), `term` / `usr1` / `usr2` (send SIGTERM / SIGUSR1 / SIGUSR2 to this process and carry on).
 
 The variable is read once, at import. When it is unset, `check` returns after one `is None` test.
 Tests that run in-process use `inject(spec)` instead of the environment.
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 ENV_VAR = "RESNET_REPRO_FAULT"
 POINTS = ("step", "checkpoint:before_fsync", "checkpoint:before_rename", "checkpoint:after_rename")
-ACTIONS = ("kill", "raise", "term", "usr1")
+ACTIONS = ("kill", "raise", "term", "usr1", "usr2")
 
 
 class FaultInjected(RuntimeError):
@@ -72,7 +72,7 @@ def check(point: str, iteration: int) -> None:
     elif _ARMED.action == "raise":
         raise FaultInjected(f"fault injected at {point}@{iteration}")
     else:
-        os.kill(os.getpid(), signal.SIGTERM if _ARMED.action == "term" else signal.SIGUSR1)
+        os.kill(os.getpid(), {"term": signal.SIGTERM, "usr1": signal.SIGUSR1, "usr2": signal.SIGUSR2}[_ARMED.action])
 
 
 @contextlib.contextmanager

@@ -88,3 +88,25 @@ def test_sigterm_stops_a_whole_basic_launcher_sweep_not_just_its_current_run(sam
     seed0 = next(runs.glob("default/*seed=0*"))
     assert checkpoint_iteration(seed0) == 6 and not (seed0 / "failed.json").exists()
     assert not list(runs.glob("default/*seed=1*"))
+
+
+def test_sigusr2_checkpoints_then_hands_the_signal_to_submitits_handler(reference, tmp_path):
+    """hydra-submitit-launcher's jobs get SIGUSR2 before their time limit, and submitit's handler requeues the job
+    and exits. Ours comes first: the checkpoint at the next step boundary, then submitit's handler (here a stand-in
+    that records what it finds on disk), so the requeued job loses no iteration."""
+    run_dir = tmp_path / "run"
+    seen = []
+
+    def submitit_handler(signum, frame):
+        seen.append((signum, checkpoint_iteration(run_dir)))
+
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        with faults.inject("step@23/usr2"), pytest.raises(Preempted, match="SIGUSR2"):
+            train_in_process(copy.deepcopy(reference["cfg"]), run_dir)
+        assert signal.getsignal(signal.SIGUSR2) is submitit_handler  # ours is removed again after the run
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert seen == [(signal.SIGUSR2, 24)]  # called once, after the checkpoint of iteration 24 was written
+    train_in_process(copy.deepcopy(reference["cfg"]), run_dir)  # the requeued job
+    assert state_digest(checkpoint_path(run_dir)) == reference["digest"]
