@@ -52,7 +52,7 @@ class NonFiniteError(RuntimeError):
 
 
 class Preempted(RuntimeError):
-    """SIGTERM/SIGUSR1 arrived; a checkpoint was written at a step boundary."""
+    """SIGTERM/SIGUSR1/SIGUSR2 arrived; a checkpoint was written at a step boundary."""
 
 
 @dataclass

@@ -48,7 +48,7 @@ log = logging.getLogger("resnet_repro.train")
 
 EXIT_CONFIG_ERROR = 2  # the command line or config is wrong (Hydra's own rejections too, via `cli`); nothing ran
 EXIT_FAILED = 1
-EXIT_PREEMPTED = 3  # SIGTERM/SIGUSR1: checkpoint written; rerun the same command to resume
+EXIT_PREEMPTED = 3  # SIGTERM/SIGUSR1/SIGUSR2: checkpoint written; rerun the same command to resume
 # Absolute, so the console script and in-process calls find the configs too (a relative path would be resolved
 # against the package `resnet_repro` when the module is not run as __main__).
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
