@@ -8,6 +8,7 @@ PROFILE ?= paper
 DATA ?=
 LAUNCHER ?=
 LABEL ?=
+OVERRIDES ?=
 SAMPLE := ../shared/data/cifar10-sample/cifar10_sample.npz
 
 .DEFAULT_GOAL := help
@@ -15,7 +16,7 @@ SAMPLE := ../shared/data/cifar10-sample/cifar10_sample.npz
 
 help: ## list every target with one line each
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
-	@echo "  variables: PROFILE=paper|quick  DATA=path/to/file.npz (default: CIFAR-10 download)  LABEL='data label'  LAUNCHER=local|slurm|submitit_local"
+	@echo "  variables: PROFILE=paper|quick  DATA=path/to/file.npz (default: CIFAR-10 download)  LABEL='data label'  LAUNCHER=local|slurm|submitit_local  OVERRIDES='key=value ...' (Hydra overrides for every run)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,7 +46,7 @@ download: $(STAMP) ## download CIFAR-10 into ./data with torchvision
 	$(PY) -m resnet_repro.download --root ./data
 
 reproduce: $(STAMP) ## download -> every experiment -> plots (PROFILE=quick DATA=file.npz for the CPU version)
-	$(PY) -m resnet_repro.reproduce --profile $(PROFILE) $(if $(DATA),--data $(DATA)) $(if $(LABEL),--label "$(LABEL)") $(if $(LAUNCHER),--launcher $(LAUNCHER))
+	$(PY) -m resnet_repro.reproduce --profile $(PROFILE) $(if $(DATA),--data $(DATA)) $(if $(LABEL),--label "$(LABEL)") $(if $(LAUNCHER),--launcher $(LAUNCHER)) $(OVERRIDES)
 
 plot: $(STAMP) ## redraw Figure 6/7 and Table 6 from finished runs (RUNS=runs/<experiment> OUT=results/<dir>)
 	$(PY) -m resnet_repro.plot $(or $(RUNS),runs) --out $(or $(OUT),results/latest)

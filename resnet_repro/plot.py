@@ -28,6 +28,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from resnet_repro.errors import ConfigError  # noqa: E402
 from resnet_repro.paper import CITATION, SOURCE  # noqa: E402
 from resnet_repro.results import (  # noqa: E402
+    PAPER_NUMERICS,
     Curve,
     Run,
     data_description,
@@ -235,7 +236,9 @@ def write_table6(rows: Sequence[dict[str, Any]], out: Path, title: str) -> list[
         f"# Table 6 (reproduction): CIFAR-10 test error\n\n{title}. Final model's test error, no selection on the "
         "test set; mean±std over seeds (sample std), best = lowest seed.\n\n"
         + markdown_table(header, md_rows)
-        + f"{notes}\nPaper column: {SOURCE} (option A, 64k iterations, 50k training images, 10k test images); "
+        + f"{notes}\nOur runs' numerics: {'; '.join(sorted({n for r in rows for n in r['numerics']}))} "
+        f"(paper: {PAPER_NUMERICS}).\n"
+        f"\nPaper column: {SOURCE} (option A, 64k iterations, 50k training images, 10k test images); "
         f"it gives no number for plain nets (only Figure 6 curves). {CITATION}\n"
     )
     (out / "table6.md").write_text(md)
@@ -253,6 +256,7 @@ def write_table6(rows: Sequence[dict[str, Any]], out: Path, title: str) -> list[
         "paper_mean_std",
         "data",
         "iterations",
+        "numerics",
     ]
     csv_rows = [
         [
@@ -269,6 +273,7 @@ def write_table6(rows: Sequence[dict[str, Any]], out: Path, title: str) -> list[
             r["paper"] and r["paper"].mean_std,
             ";".join(r["data"]),
             ";".join(map(str, r["iterations"])),
+            ";".join(r["numerics"]),
         ]
         for r in rows
     ]

@@ -40,7 +40,11 @@ PROFILES: dict[str, tuple[str, ...]] = {
 }
 # Figure/table title suffix per profile; the title already names the data and the iteration count.
 TITLE_SUFFIX = {"paper": "", "quick": " — quick profile: shortened, lr {lr}"}
-LAUNCHERS = ("basic", "local", "slurm", "submitit_local", "submitit_slurm", "joblib")
+LAUNCHERS = ("basic", "local", "slurm", "submitit_local")
+# The device a profile's runs must train on (unless the command line names one): the paper profile's 64k-iteration
+# runs are GPU work, so a torch that sees no GPU stops it at once instead of training on CPU for weeks.
+PROFILE_DEVICE = {"paper": "cuda"}
+LAUNCHERS_SUBMITTING_ELSEWHERE = ("slurm",)  # the submitting host may have no GPU; the jobs check their own
 SUMMARY_JSON = "sweep_summary.json"  # written by resnet_repro.sweep.SweepSummary
 EXIT_STOPPED = 3  # SIGTERM: passed on to the running sweep, which checkpoints; rerun to resume (as train.py)
 
@@ -101,7 +105,31 @@ def train_command(experiment: str, args: argparse.Namespace) -> list[str]:
         cmd.append(f"data.label={hydra_quote(args.label)}")
     if args.launcher:
         cmd.append(f"hydra/launcher={args.launcher}")
-    return cmd + list(args.overrides)
+    return cmd + device_overrides(args) + list(args.overrides)
+
+
+def device_overrides(args: argparse.Namespace) -> list[str]:
+    """`trainer.device=cuda` for the paper profile, unless the command line sets trainer.device itself."""
+    if args.profile in PROFILE_DEVICE and not any(o.startswith("trainer.device=") for o in args.overrides):
+        return [f"trainer.device={PROFILE_DEVICE[args.profile]}"]
+    return []
+
+
+def missing_gpu(args: argparse.Namespace) -> str | None:
+    """Why the profile cannot start here (its runs need CUDA and torch sees none), or None."""
+    if device_overrides(args) != ["trainer.device=cuda"] or args.launcher in LAUNCHERS_SUBMITTING_ELSEWHERE:
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
+    return (
+        f"--profile {args.profile} trains 64,000-iteration runs on CUDA (trainer.device=cuda), but torch "
+        f"{torch.__version__} ({build}) sees no GPU on this machine; nothing was run. Install a torch build that "
+        "your NVIDIA driver supports (nvidia-smi shows the newest CUDA it can run), use --profile quick for the "
+        "CPU version, or add the override trainer.device=cpu to train the paper profile on CPU anyway."
+    )
 
 
 def results_dir(args: argparse.Namespace) -> Path:
@@ -203,6 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
 
+    problem = missing_gpu(args)
+    if problem:
+        print(f"reproduce: {problem}", file=sys.stderr)
+        return 2
     try:
         return run_all(args, steps, plot_cmd, plot_tail, out, argv)
     except Stopped as exc:

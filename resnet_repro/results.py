@@ -52,8 +52,8 @@ class Run:
         return self.metrics["arch"], self.metrics["depth"], self.metrics["shortcut"]
 
 
-# Config keys that do not change what a run computes; two finished runs equal in everything else are one run
-# (e.g. ResNet-20 seed 0 of fig6_resnet and of table6), drawn and counted once.
+# Config keys that do not change what a run computes; two finished runs equal in everything else (and in their
+# numerics: precision, BN batch) are one run (e.g. ResNet-20 seed 0 of fig6_resnet and of table6), drawn once.
 NON_RECIPE_KEYS = ("experiment", "runs_dir", "trainer", "responses", "fail_at_iter")
 
 
@@ -85,14 +85,16 @@ def read_curves(run_dir: Path) -> dict[str, Curve]:
 
 
 def recipe_fingerprint(metrics_path: Path) -> str | None:
-    """The run's resolved config without the keys that do not change the computation; None if unreadable."""
+    """The run's resolved config without the keys that do not change the computation, plus its numerics (bf16
+    and fp32 runs of one config are two runs); None if unreadable."""
     try:
-        config = dict(json.loads(metrics_path.read_text())["config"])
+        metrics = json.loads(metrics_path.read_text())
+        config = dict(metrics["config"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
     for key in NON_RECIPE_KEYS:
         config.pop(key, None)
-    return json.dumps(config, sort_keys=True)
+    return json.dumps({"config": config, "numerics": training_numerics(metrics)}, sort_keys=True)
 
 
 def unique_runs(run_dirs: Iterable[str | Path]) -> tuple[list[Path], list[tuple[Path, Path]]]:
@@ -152,6 +154,22 @@ def summarize(values: Sequence[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
+PAPER_NUMERICS = "fp32, BN over 64 images (128 on two GPUs)"  # He et al. 2015, section 4.2
+
+
+def training_numerics(metrics: dict[str, Any]) -> str:
+    """How a run computed, where the paper's recipe leaves it to the hardware: arithmetic precision and the
+    number of images each BN layer's statistics are taken over, e.g. 'bf16 autocast, BN over 128 images'."""
+    precision = metrics.get("precision", "?")
+    arithmetic = "fp32" if precision == "fp32" else f"{precision} autocast"
+    config = metrics.get("config") or {}
+    batch = (config.get("data") or {}).get("batch_size")
+    group = (config.get("model") or {}).get("bn_group") or 0
+    per_process = batch // max(int(metrics.get("world_size") or 1), 1) if batch else None
+    images = min(group, per_process) if group and per_process else group or per_process
+    return f"{arithmetic}, BN over {images if images else '?'} images"
+
+
 def runs_table(runs: Iterable[Run]) -> list[dict[str, Any]]:
     """One row per (arch, depth, shortcut): seeds, test-error mean/std/best, params, the paper's number if any."""
     rows = []
@@ -173,18 +191,19 @@ def runs_table(runs: Iterable[Run]) -> list[dict[str, Any]]:
                 "paper": paper,
                 "data": sorted({r.metrics["data"]["label"] for r in group}),
                 "iterations": sorted({r.metrics["iterations"] for r in group}),
+                "numerics": sorted({training_numerics(r.metrics) for r in group}),
             }
         )
     return rows
 
 
 def mixed_groups(rows: Iterable[dict[str, Any]]) -> list[str]:
-    """Warnings for table rows that pool runs with different data or iteration counts."""
+    """Warnings for table rows that pool runs with different data, iteration counts or numerics."""
     return [
-        f"{model_name(r['arch'], r['depth'], r['shortcut'])} pools runs with data {r['data']} "
-        f"and iterations {r['iterations']}; its mean mixes unlike runs."
+        f"{model_name(r['arch'], r['depth'], r['shortcut'])} pools runs with data {r['data']}, "
+        f"iterations {r['iterations']} and numerics {r['numerics']}; its mean mixes unlike runs."
         for r in rows
-        if len(r["data"]) > 1 or len(r["iterations"]) > 1
+        if len(r["data"]) > 1 or len(r["iterations"]) > 1 or len(r["numerics"]) > 1
     ]
 
 
@@ -257,6 +276,7 @@ def provenance(runs: Sequence[Run]) -> dict[str, str]:
         "data": _span(m["data"]["label"] for m in done),
         "iterations": _span(f"{m['iterations']:,} of {m['max_iter']:,}" for m in done),
         "devices": _span(m.get("device") for m in done),
+        "numerics": f"{_span(training_numerics(m) for m in done)} (paper: {PAPER_NUMERICS})",
         "torch": _span(v.get("torch") for v in versions),
         "cuda": _span(v.get("cuda") for v in versions),
         "cudnn": _span(v.get("cudnn") for v in versions),

@@ -117,7 +117,10 @@ def make_run_dir(
         "device": "NVIDIA H100 80GB HBM3",
         "versions": {"torch": "2.4.0", "cuda": "12.4", "cudnn": 90100, "python": "3.11.9", "git_sha": "0123abc"},
         "layer_response_std": layer_response_std or default_layer_response_std(arch, depth, seed),
-        "config": {"model": {"arch": arch, "depth": depth, "shortcut": shortcut}, "seed": seed},
+        "precision": "bf16",
+        "world_size": 1,
+        "config": {"model": {"arch": arch, "depth": depth, "shortcut": shortcut, "bn_group": 0}, "seed": seed,
+                   "data": {"batch_size": 128}},
         "date": datetime(2025, 1, 1, 12, seed, tzinfo=timezone.utc).isoformat(),
     }
     for key, value in overrides.items():

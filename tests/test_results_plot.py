@@ -12,7 +12,15 @@ import pytest
 from run_dir_factory import make_failed_run_dir, make_run_dir
 
 from resnet_repro import plot
-from resnet_repro.results import degradation_verdict, find_runs, load_run, runs_table
+from resnet_repro.results import (
+    PAPER_NUMERICS,
+    degradation_verdict,
+    find_runs,
+    load_run,
+    mixed_groups,
+    runs_table,
+    training_numerics,
+)
 
 # (arch, depth) → final test errors by seed; train error is test error - 2 unless a test says otherwise.
 TEST_ERRS = {("plain", 20): [9.13], ("plain", 56): [12.71], ("resnet", 20): [8.41, 8.87], ("resnet", 56): [7.02, 7.55]}
@@ -155,3 +163,29 @@ def test_cli_counts_a_configuration_trained_by_two_experiments_once(tmp_path: Pa
     assert plot.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
     row = table_rows((tmp_path / "out" / "table6.md").read_text())[("resnet", "20")]
     assert row[4] == "2 (0, 1)" and row[5] == "9.00±0.71", row
+
+
+def test_numerics_are_labelled_beside_the_papers_and_unlike_numerics_are_not_pooled_silently(tmp_path: Path) -> None:
+    """Precision and BN batch are where a GPU run departs from the paper (fp32, BN over 64 images per GPU): every
+    table and verdict says what ours were, and a row pooling bf16 with fp32 seeds is flagged."""
+
+    def metrics(precision: str, group: int = 0, world: int = 1) -> dict:
+        return {"precision": precision, "world_size": world,
+                "config": {"data": {"batch_size": 128}, "model": {"bn_group": group}}}  # fmt: skip
+
+    assert training_numerics(metrics("bf16")) == "bf16 autocast, BN over 128 images"
+    assert training_numerics(metrics("fp32", group=64)) == "fp32, BN over 64 images"
+    assert training_numerics(metrics("fp32", world=2)) == "fp32, BN over 64 images"  # torchrun, 2 GPUs
+    make_run_dir(tmp_path, "resnet", 20, seed=0, final_test_err=8.0)
+    make_run_dir(tmp_path, "resnet", 20, seed=1, final_test_err=8.2, precision="fp32")
+    rows = runs_table([load_run(d) for d in find_runs([tmp_path])])
+    assert rows[0]["numerics"] == ["bf16 autocast, BN over 128 images", "fp32, BN over 128 images"]
+    assert "numerics" in " ".join(mixed_groups(rows))
+    out = tmp_path / "out"
+    assert plot.main([str(tmp_path), "--out", str(out)]) == 0
+    table = (out / "table6.md").read_text()
+    assert "Our runs' numerics: bf16 autocast, BN over 128 images; fp32, BN over 128 images" in table
+    assert f"(paper: {PAPER_NUMERICS})" in table and "warning:" in table
+    assert f"- numerics: bf16 autocast, BN over 128 images, fp32, BN over 128 images (paper: {PAPER_NUMERICS})" in (
+        out / "verdict.md"
+    ).read_text()

@@ -128,7 +128,7 @@ def test_reproduce_dry_run_prints_the_commands(capsys: pytest.CaptureFixture) ->
     experiments = ["fig6_plain", "fig6_resnet", "table6", "shortcuts", "fig7", "fig7_110", "fig6_deep"]
     assert lines[1:8] == [
         shlex.join([py, "-m", "resnet_repro.train", "-m", f"experiment={e}", "runs_dir=R", f"data.root={root}",
-                    "hydra/launcher=slurm"])
+                    "hydra/launcher=slurm", "trainer.device=cuda"])
         for e in experiments
     ]
     assert lines[8].startswith(shlex.join([py, "-m", "resnet_repro.plot"]))
@@ -145,21 +145,41 @@ def test_reproduce_dry_run_prints_the_commands(capsys: pytest.CaptureFixture) ->
     assert "quick profile: shortened, lr 0.02" in lines[1]
 
 
+def test_the_paper_profile_refuses_to_start_without_a_gpu(monkeypatch, tmp_path: Path, capsys) -> None:
+    """Its runs are pinned to trainer.device=cuda; with no GPU visible (here: none) it stops before the download,
+    saying why and what to do; trainer.device=cpu on the command line overrides both."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = ["--profile", "paper", "--runs-dir", str(tmp_path / "runs"), "--data-root", str(tmp_path / "data")]
+    assert reproduce.main(args) == 2
+    err = capsys.readouterr().err
+    assert "trainer.device=cuda" in err and "sees no GPU" in err and "--profile quick" in err
+    assert "trainer.device=cpu" in err and not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
+    assert reproduce.main([*args, "--dry-run", "trainer.device=cpu"]) == 0
+    commands = capsys.readouterr().out.splitlines()[1:8]
+    assert all(c.endswith("trainer.device=cpu") and "trainer.device=cuda" not in c for c in commands)
+    parsed = reproduce.parse_args([*args, "trainer.device=cpu"])
+    assert reproduce.missing_gpu(parsed) is None
+    assert reproduce.missing_gpu(reproduce.parse_args(["--profile", "quick"])) is None
+
+
 def test_identical_runs_of_two_experiments_are_drawn_once(tmp_path: Path) -> None:
-    def run(experiment: str, seed: int, name: str) -> Path:
+    def run(experiment: str, seed: int, name: str, precision: str = "bf16") -> Path:
         d = tmp_path / experiment / name
         d.mkdir(parents=True)
         config = {"experiment": experiment, "runs_dir": "runs", "seed": seed, "model": {"depth": 20},
                   "trainer": {"threads": 1}, "responses": experiment == "fig7"}
-        (d / "metrics.json").write_text(json.dumps({"config": config}))
+        (d / "metrics.json").write_text(json.dumps({"config": config, "precision": precision}))
         return d
 
     a, b, c = run("fig6_resnet", 0, "model.depth=20"), run("table6", 0, "model.depth=20,seed=0"), run("table6", 1, "s1")
+    fp32 = run("fp32", 0, "model.depth=20", precision="fp32")  # same config, other arithmetic: another run
     failed = tmp_path / "table6" / "broken"
     failed.mkdir()
     (failed / "failed.json").write_text("{}")
-    kept, dropped = unique_runs([a, b, c, failed, a])
-    assert kept == [a, c, failed] and dropped == [(b, a)]
+    kept, dropped = unique_runs([a, b, c, fp32, failed, a])
+    assert kept == [a, c, fp32, failed] and dropped == [(b, a)]
 
 
 @pytest.mark.slow
