@@ -18,7 +18,9 @@ and fig7); such copies are drawn once (the first experiment's), so a table never
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import re
 import shlex
 import signal
@@ -46,7 +48,7 @@ LAUNCHERS = ("basic", "local", "slurm", "submitit_local")
 PROFILE_DEVICE = {"paper": "cuda"}
 LAUNCHERS_SUBMITTING_ELSEWHERE = ("slurm",)  # the submitting host may have no GPU; the jobs check their own
 SUMMARY_JSON = "sweep_summary.json"  # written by resnet_repro.sweep.SweepSummary
-EXIT_STOPPED = 3  # SIGTERM: passed on to the running sweep, which checkpoints; rerun to resume (as train.py)
+EXIT_STOPPED = 3  # SIGTERM/SIGINT: passed on to the running sweep, which checkpoints; rerun to resume (as train.py)
 
 
 @dataclass
@@ -153,29 +155,36 @@ def display(cmd: Sequence[str]) -> str:
 
 
 class Stopped(Exception):
-    """SIGTERM reached reproduce; it was passed on to the running command, which checkpoints and exits."""
+    """SIGTERM or SIGINT reached reproduce; it was passed on to the running command, which checkpoints and exits."""
 
 
 def run_step(step: Step) -> int:
-    """Run a command with inherited stdout/stderr (SIGTERM is passed on to it); return its process id."""
+    """Run a command with inherited stdout/stderr; return its process id.
+
+    The command runs in its own process group, and SIGTERM or Ctrl-C (SIGINT) reaching reproduce is passed on to
+    that whole group as SIGTERM: every training process, also the launcher's workers (which would otherwise go on
+    training as orphans of a dead sweep), checkpoints at its next step boundary and exits."""
     print(f"\n=== {step.name}: {shlex.join(step.cmd)}", flush=True)
     tic = time.perf_counter()
-    proc = subprocess.Popen(step.cmd)
+    proc = subprocess.Popen(step.cmd, start_new_session=True)
     stopped: list[int] = []
 
     def forward(signum: int, frame: Any) -> None:
         stopped.append(signum)
-        proc.send_signal(signum)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
 
-    previous = signal.signal(signal.SIGTERM, forward)
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         step.rc = proc.wait()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     step.wall_s = round(time.perf_counter() - tic, 1)
     step.status = "ok" if step.rc == 0 else "failed"
     if stopped:
-        raise Stopped(f"{step.name} was stopped by SIGTERM (exit {step.rc}); rerun the same command to resume")
+        name = signal.Signals(stopped[0]).name
+        raise Stopped(f"{step.name} was stopped by {name} (exit {step.rc}); rerun the same command to resume")
     return proc.pid
 
 

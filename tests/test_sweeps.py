@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -162,6 +165,31 @@ def test_the_paper_profile_refuses_to_start_without_a_gpu(monkeypatch, tmp_path:
     parsed = reproduce.parse_args([*args, "trainer.device=cpu"])
     assert reproduce.missing_gpu(parsed) is None
     assert reproduce.missing_gpu(reproduce.parse_args(["--profile", "quick"])) is None
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_reproduce_stops_the_launchers_workers_too(tmp_path: Path, sig: int) -> None:
+    """SIGTERM or Ctrl-C to reproduce reaches every process of the running command as SIGTERM, also a worker
+    process the command started (as joblib's are), which would otherwise train on as an orphan."""
+    ready, got = tmp_path / "ready", tmp_path / "got"
+    worker = (f"import signal, sys, time, pathlib\n"
+              f"def on_term(*a):\n    pathlib.Path({str(got)!r}).write_text('TERM')\n    sys.exit(3)\n"
+              f"signal.signal(signal.SIGTERM, on_term)\n"
+              f"pathlib.Path({str(ready)!r}).write_text('')\ntime.sleep(60)")  # fmt: skip
+    command = [sys.executable, "-c",
+               f"import subprocess, sys; sys.exit(subprocess.call([sys.executable, '-c', {worker!r}]))"]  # fmt: skip
+    step = reproduce.Step("sweep", command)
+    deadline = time.monotonic() + 30
+    threading.Thread(target=lambda: _signal_when(ready, sig, deadline), daemon=True).start()
+    with pytest.raises(reproduce.Stopped, match=signal.Signals(sig).name):
+        reproduce.run_step(step)
+    assert got.read_text() == "TERM" and step.status == "failed"
+
+
+def _signal_when(path: Path, sig: int, deadline: float) -> None:
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(os.getpid(), sig)
 
 
 def test_identical_runs_of_two_experiments_are_drawn_once(tmp_path: Path) -> None:
