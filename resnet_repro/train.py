@@ -104,6 +104,9 @@ def job_device(requested: Device, dist_info: DistInfo, sweeping: bool) -> Iterat
         try:
             yield torch.device("cuda", slot.index)
         finally:
+            # a launcher's worker process is reused for later jobs, maybe on another GPU: hand this one's cached
+            # memory back to it before another run takes the slot
+            torch.cuda.empty_cache()
             slot.release()
 
 

@@ -98,9 +98,13 @@ def test_a_sweep_job_trains_on_the_free_gpu_and_frees_it_after(tmp_path: Path, m
     monkeypatch.setenv(gpu_slots.RUNS_PER_GPU_ENV, "1")
     monkeypatch.setattr(train_module.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(train_module, "cuda_gpu_keys", lambda: list(GPUS))
+    emptied: list[bool] = []
+    monkeypatch.setattr(train_module.torch.cuda, "empty_cache", lambda: emptied.append(True))
     other_job = acquire_gpu_slot(GPUS, 1, tmp_path)  # holds GPU 0
     with job_device(Device.auto, DistInfo(), sweeping=True) as device:
         assert str(device) == "cuda:1"
         assert gpu_slots._try_acquire(GPUS, 1, tmp_path) is None
+        assert not emptied
+    assert emptied == [True]  # the reused worker hands its cached GPU memory back before the slot is free
     other_job.release()
     assert gpu_slots._try_acquire(GPUS, 1, tmp_path) is not None  # both free again (the probe's slot too)
