@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from resnet_repro.engine import FAILED_NAME, METRICS_NAME
 from resnet_repro.results import unique_runs
+from resnet_repro.sweep import PLAN_JSON, SUMMARY_JSON
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # Paper experiments, longest last (ResNet-1202) so every other result is there early.
@@ -47,7 +49,6 @@ LAUNCHERS = ("basic", "local", "slurm", "submitit_local")
 # runs are GPU work, so a torch that sees no GPU stops it at once instead of training on CPU for weeks.
 PROFILE_DEVICE = {"paper": "cuda"}
 LAUNCHERS_SUBMITTING_ELSEWHERE = ("slurm",)  # the submitting host may have no GPU; the jobs check their own
-SUMMARY_JSON = "sweep_summary.json"  # written by resnet_repro.sweep.SweepSummary
 EXIT_STOPPED = 3  # SIGTERM/SIGINT: passed on to the running sweep, which checkpoints; rerun to resume (as train.py)
 
 
@@ -140,13 +141,38 @@ def results_dir(args: argparse.Namespace) -> Path:
     return Path(args.results_dir) / slugify(label) / args.profile
 
 
-def read_summary(sweep_dir: Path, pid: int) -> dict[str, Any] | None:
-    """The sweep summary written by the multirun with this process id, or None."""
+def read_sweep_file(path: Path, pid: int) -> dict[str, Any] | None:
+    """A sweep summary or plan written by the multirun with this process id, or None."""
     try:
-        summary = json.loads((sweep_dir / SUMMARY_JSON).read_text())
+        content = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return summary if summary.get("pid") == pid else None
+    return content if content.get("pid") == pid else None
+
+
+def collect_results(step: Step, sweep_dir: Path, pid: int) -> None:
+    """Fill `step` from its sweep's summary; without one (the launcher died before the sweep's end), take the
+    planned run directories that hold results, so finished runs are still drawn."""
+    summary = read_sweep_file(sweep_dir / SUMMARY_JSON, pid)
+    if summary is not None:
+        step.counts = summary["counts"]
+        step.run_dirs = [r["dir"] for r in summary["runs"] if r["status"] in ("finished", "skipped", "failed")]
+        step.runs = [
+            {k: r.get(k) for k in ("name", "status", "test_err", "train_err", "wall_s", "error")}
+            for r in summary["runs"]
+        ]
+        return
+    step.status = "failed"
+    plan = read_sweep_file(sweep_dir / PLAN_JSON, pid)
+    if plan is None:
+        step.note = "no sweep summary or plan (the multirun stopped before planning its runs)"
+        return
+    planned = [Path(r["dir"]) for r in plan["runs"]]
+    step.run_dirs = [str(d) for d in planned if (d / METRICS_NAME).is_file() or (d / FAILED_NAME).is_file()]
+    step.note = (
+        f"no sweep summary (the multirun stopped before its end); {len(step.run_dirs)} of its {len(planned)} "
+        "planned runs have results and are drawn"
+    )
 
 
 def display(cmd: Sequence[str]) -> str:
@@ -273,17 +299,7 @@ def run_all(
                 )
                 return 2
             continue
-        summary = read_summary(Path(args.runs_dir) / experiment_dir_name(step.experiment), pid)
-        if summary is None:
-            step.note = "no sweep summary (the multirun stopped before its end)"
-            step.status = "failed"
-            continue
-        step.counts = summary["counts"]
-        step.run_dirs = [r["dir"] for r in summary["runs"] if r["status"] in ("finished", "skipped", "failed")]
-        step.runs = [
-            {k: r.get(k) for k in ("name", "status", "test_err", "train_err", "wall_s", "error")}
-            for r in summary["runs"]
-        ]
+        collect_results(step, Path(args.runs_dir) / experiment_dir_name(step.experiment), pid)
 
     run_dirs, dropped = unique_runs([d for s in steps for d in s.run_dirs])
     for copy, original in dropped:

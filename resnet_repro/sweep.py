@@ -34,6 +34,7 @@ from resnet_repro.gpu_slots import parse_runs_per_gpu
 from resnet_repro.tracking import now_iso
 
 SUMMARY_JSON = "sweep_summary.json"
+PLAN_JSON = "sweep_plan.json"  # the planned run directories, written when the multirun starts
 SUMMARY_LOG = "sweeps.log"
 STATUSES = ("finished", "skipped", "failed", "incomplete")
 EXIT_SWEEP_FAILED = 4  # the multirun ended with failed or incomplete runs (train.py: 1 failed, 2 config, 3 preempted)
@@ -177,6 +178,19 @@ class SweepSummary(Callback):
             r.dir: {"metrics": (r.dir / METRICS_NAME).is_file(), "failed": _file_state(r.dir / FAILED_NAME)}
             for r in self.runs
         }
+        # if the launcher itself dies (a lost worker, a failed job array), no summary is written: the plan still
+        # tells `reproduce` which directories belong to this sweep
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        plan = {
+            "pid": os.getpid(),
+            "started": self.started,
+            "runs": [{"name": r.name, "dir": str(r.dir)} for r in self.runs],
+        }
+        try:
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(sweep_dir / PLAN_JSON, plan)
+        except OSError as exc:
+            print(f"warning: could not write the sweep plan into {sweep_dir}: {exc}", file=sys.stderr)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Print the summary, append it to sweeps.log, write sweep_summary.json; exit 4 if a run did not finish."""

@@ -21,7 +21,14 @@ import pytest
 
 from resnet_repro import reproduce
 from resnet_repro.results import unique_runs
-from resnet_repro.sweep import EXIT_SWEEP_FAILED, SUMMARY_JSON, PlannedRun, format_summary, run_status
+from resnet_repro.sweep import (
+    EXIT_SWEEP_FAILED,
+    PLAN_JSON,
+    SUMMARY_JSON,
+    PlannedRun,
+    format_summary,
+    run_status,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -77,6 +84,8 @@ def test_submitit_sweep_writes_one_directory_per_run(submitit_sweep: dict) -> No
     summary = json.loads((sweep_dir / SUMMARY_JSON).read_text())
     assert summary["counts"] == {"finished": 2, "skipped": 0, "failed": 0, "incomplete": 0}
     assert "2 runs, 2 finished, 0 skipped, 0 failed, 0 incomplete" in first.stdout
+    plan = json.loads((sweep_dir / PLAN_JSON).read_text())  # written at the start, for a launcher that dies
+    assert plan["pid"] == summary["pid"] and sorted(Path(r["dir"]) for r in plan["runs"]) == dirs
 
 
 def test_relaunch_skips_finished_runs_untouched(submitit_sweep: dict) -> None:
@@ -190,6 +199,25 @@ def _signal_when(path: Path, sig: int, deadline: float) -> None:
     while not path.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     os.kill(os.getpid(), sig)
+
+
+def test_a_sweep_whose_launcher_died_still_gives_its_finished_runs_to_the_plot(tmp_path: Path) -> None:
+    """No sweep_summary.json (joblib lost a worker, a job array failed): the runs planned at the start that hold
+    results are drawn, the others reported missing; a plan or summary of another process does not count."""
+    done, diverged, never = tmp_path / "done", tmp_path / "diverged", tmp_path / "never"
+    for d in (done, diverged, never):
+        d.mkdir()
+    (done / "metrics.json").write_text("{}")
+    (diverged / "failed.json").write_text("{}")
+    plan = {"pid": 4242, "runs": [{"name": d.name, "dir": str(d)} for d in (done, diverged, never)]}
+    (tmp_path / PLAN_JSON).write_text(json.dumps(plan))
+    step = reproduce.Step("experiment table6", ["true"], experiment="table6")
+    reproduce.collect_results(step, tmp_path, pid=4242)
+    assert step.status == "failed" and step.run_dirs == [str(done), str(diverged)]
+    assert "no sweep summary" in step.note and "2 of its 3 planned runs" in step.note
+    other = reproduce.Step("experiment table6", ["true"], experiment="table6")
+    reproduce.collect_results(other, tmp_path, pid=1)  # an older sweep's plan
+    assert other.run_dirs == [] and "no sweep summary or plan" in other.note
 
 
 def test_identical_runs_of_two_experiments_are_drawn_once(tmp_path: Path) -> None:
