@@ -11,8 +11,9 @@ results/<data slug>/<profile>`. Rerunning the same command skips finished runs a
 experiment is reported and the others still run; the exit status is 1 when anything failed.
 
 The plot step gets exactly this invocation's runs (read from each sweep's sweep_summary.json), not everything under
-runs/. Several experiments train the same configuration (e.g. ResNet-20 seed 0 is in fig6_resnet, table6, shortcuts
-and fig7); such copies are drawn once (the first experiment's), so a table never counts one seed twice.
+runs/. The paper experiment files share configurations (e.g. ResNet-20 seed 0 is in fig6_resnet, table6, shortcuts
+and fig7); the paper profile trains each configuration once (see PROFILES), and copies trained by hand are drawn
+once, so a table never counts one seed twice.
 """
 
 from __future__ import annotations
@@ -37,10 +38,26 @@ from resnet_repro.results import unique_runs
 from resnet_repro.sweep import PLAN_JSON, SUMMARY_JSON
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-# Paper experiments, longest last (ResNet-1202) so every other result is there early.
-PROFILES: dict[str, tuple[str, ...]] = {
-    "paper": ("fig6_plain", "fig6_resnet", "table6", "shortcuts", "fig7", "fig7_110", "fig6_deep"),
-    "quick": ("quick",),
+@dataclass(frozen=True)
+class Experiment:
+    """One multirun of a profile: an experiment file, and sweep overrides that leave out runs trained elsewhere."""
+
+    name: str
+    overrides: tuple[str, ...] = ()
+
+
+# Every configuration of the paper's experiment files once, longest last (ResNet-1202) so every other result is there
+# early. The files not run hold only copies (every run records Figure 7's responses): fig6_resnet = table6's seed 0,
+# fig7 = fig6_plain's and table6's depth 20/56, fig7_110 = table6's ResNet-110 seed 0; so are shortcuts' option A
+# and fig6_deep's ResNet-110 (table6's). The plots draw each configuration from whichever run holds it.
+PROFILES: dict[str, tuple[Experiment, ...]] = {
+    "paper": (
+        Experiment("fig6_plain"),
+        Experiment("table6"),
+        Experiment("shortcuts", ("model.shortcut=B,C",)),
+        Experiment("fig6_deep", ("model.depth=1202",)),
+    ),
+    "quick": (Experiment("quick"),),
 }
 # Figure/table title suffix per profile; the title already names the data and the iteration count.
 TITLE_SUFFIX = {"paper": "", "quick": " — quick profile: shortened, lr {lr}"}
@@ -97,9 +114,10 @@ def quick_lr() -> str:
     return match.group(1) if match else "?"
 
 
-def train_command(experiment: str, args: argparse.Namespace) -> list[str]:
+def train_command(experiment: Experiment, args: argparse.Namespace) -> list[str]:
     """The multirun command of one experiment."""
-    cmd = [sys.executable, "-m", "resnet_repro.train", "-m", f"experiment={experiment}", f"runs_dir={args.runs_dir}"]
+    cmd = [sys.executable, "-m", "resnet_repro.train", "-m", f"experiment={experiment.name}", *experiment.overrides]
+    cmd.append(f"runs_dir={args.runs_dir}")
     if args.data:
         cmd += ["data=npz", f"data.path={Path(args.data).resolve()}"]
     else:
@@ -250,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps: list[Step] = []
     if not args.data:
         steps.append(Step("download", [sys.executable, "-m", "resnet_repro.download", "--root", args.data_root]))
-    steps += [Step(f"experiment {e}", train_command(e, args), experiment=e) for e in experiments]
+    steps += [Step(f"experiment {e.name}", train_command(e, args), experiment=e.name) for e in experiments]
     plot_cmd = [sys.executable, "-m", "resnet_repro.plot"]
     suffix = TITLE_SUFFIX[args.profile].format(lr=quick_lr())
     plot_tail = ["--out", str(out)] + (["--title-suffix", suffix] if suffix else [])
@@ -258,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         for step in steps:
             print(shlex.join(step.cmd))
-        sweep_dirs = dict.fromkeys(str(Path(args.runs_dir) / experiment_dir_name(e)) for e in experiments)
+        sweep_dirs = dict.fromkeys(str(Path(args.runs_dir) / experiment_dir_name(e.name)) for e in experiments)
         print(shlex.join(plot_cmd + ["<run dirs of the sweeps above>"] + plot_tail))
         print(
             f"# <run dirs of the sweeps above>: from {', '.join(f'{d}/{SUMMARY_JSON}' for d in sweep_dirs)}, "

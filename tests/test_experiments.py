@@ -6,6 +6,7 @@ must list the same jobs and directory names as Hydra itself composes for each jo
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from itertools import product
 from pathlib import Path
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import resnet_repro.train  # noqa: F401 - registers the schema and the resolvers, as `python -m` does
 from resnet_repro import sweep
+from resnet_repro.results import NON_RECIPE_KEYS
 from resnet_repro.train import run_name
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -113,6 +115,25 @@ def test_paper_experiments_keep_the_recipe(loader, experiment: str) -> None:
         assert o.warmup is None  # on exactly for depth >= 110 (config.warmup_enabled)
         assert (d.batch_size, d.val_split, d.augment, enum_value(d.normalize)) == (128, 0, True, "pixel_mean")
         assert job.model.bn_group == 0 and job.fail_at_iter is None
+
+
+def recipe(job: DictConfig) -> str:
+    """A composed job's config without what does not change its computation (results.NON_RECIPE_KEYS)."""
+    config = OmegaConf.to_container(OmegaConf.masked_copy(job, [k for k in job if k != "hydra"]), resolve=True)
+    return json.dumps({k: v for k, v in config.items() if k not in NON_RECIPE_KEYS}, sort_keys=True, default=str)
+
+
+def test_the_paper_profile_trains_every_configuration_of_the_paper_experiments_once(loader) -> None:
+    """`make reproduce` (paper) leaves out the experiment files' copies of each other's runs, and nothing else:
+    the same set of configurations as all seven paper experiments, each trained by exactly one job, every one
+    recording Figure 7's responses."""
+    from resnet_repro.reproduce import PROFILES
+
+    wanted = {recipe(job) for e in PAPER for _, job in expand(loader, [f"experiment={e}"])}
+    jobs = [job for e in PROFILES["paper"] for _, job in expand(loader, [f"experiment={e.name}", *e.overrides])]
+    trained = [recipe(job) for job in jobs]
+    assert len(trained) == len(set(trained)) == len(wanted) and set(trained) == wanted
+    assert len(jobs) == 4 + 25 + 8 + 1 and all(job.responses for job in jobs)
 
 
 def test_figure7_runs_compute_responses(loader) -> None:
