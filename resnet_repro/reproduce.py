@@ -38,6 +38,8 @@ from resnet_repro.results import unique_runs
 from resnet_repro.sweep import PLAN_JSON, SUMMARY_JSON
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
 @dataclass(frozen=True)
 class Experiment:
     """One multirun of a profile: an experiment file, and sweep overrides that leave out runs trained elsewhere."""

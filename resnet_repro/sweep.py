@@ -31,13 +31,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from resnet_repro.checkpoint import atomic_write_json
 from resnet_repro.engine import FAILED_NAME, METRICS_NAME
 from resnet_repro.gpu_slots import parse_runs_per_gpu
+from resnet_repro.run_lock import holder
 from resnet_repro.tracking import now_iso
 
 SUMMARY_JSON = "sweep_summary.json"
 PLAN_JSON = "sweep_plan.json"  # the planned run directories, written when the multirun starts
 SUMMARY_LOG = "sweeps.log"
 STATUSES = ("finished", "skipped", "failed", "incomplete")
-EXIT_SWEEP_FAILED = 4  # the multirun ended with failed or incomplete runs (train.py: 1 failed, 2 config, 3 preempted)
+EXIT_SWEEP_FAILED = 4  # failed or incomplete runs at the end (train.py: 1 failed, 2 config, 3 preempted, 5 busy)
 
 
 def local_jobs(runs_per_gpu: int | str = 1) -> int:
@@ -131,6 +132,9 @@ def run_status(run: PlannedRun, before: dict[str, Any]) -> dict[str, Any]:
             row.update(status="incomplete", error=f"not run by this sweep; an earlier attempt failed: {error}")
         return row
     row["status"] = "incomplete"
+    busy = holder(run.dir)
+    if busy is not None:
+        row["error"] = f"being trained by {busy} (another launch of this sweep?)"
     return row
 
 

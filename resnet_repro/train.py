@@ -41,6 +41,7 @@ from resnet_repro.gpu_slots import acquire_gpu_slot, cuda_gpu_keys, runs_per_gpu
 from resnet_repro.models import build_model, count_parameters
 from resnet_repro.models.ghost_bn import use_ghost_batch_norm
 from resnet_repro.optim import Schedule, Warmup, make_sgd
+from resnet_repro.run_lock import RunDirectoryBusy, hold_run_directory
 from resnet_repro.sweep import local_jobs
 from resnet_repro.tracking import environment_info, now_iso
 
@@ -49,6 +50,7 @@ log = logging.getLogger("resnet_repro.train")
 EXIT_CONFIG_ERROR = 2  # the command line or config is wrong (Hydra's own rejections too, via `cli`); nothing ran
 EXIT_FAILED = 1
 EXIT_PREEMPTED = 3  # SIGTERM/SIGUSR1/SIGUSR2: checkpoint written; rerun the same command to resume
+EXIT_BUSY = 5  # another process is training this run directory (run_lock.py); nothing was touched
 # Absolute, so the console script and in-process calls find the configs too (a relative path would be resolved
 # against the package `resnet_repro` when the module is not run as __main__).
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -276,6 +278,13 @@ def main(dict_cfg: DictConfig) -> str:
     if (run_dir / METRICS_NAME).exists():
         log.info("skipped: %s exists (the run is finished; delete it to train again)", run_dir / METRICS_NAME)
         return "skipped"
+    try:
+        lock = hold_run_directory(run_dir) if dist_info.is_main else None
+    except RunDirectoryBusy as exc:  # the other process owns the directory: record nothing in it
+        log.error("run directory busy: %s", exc)
+        if sweeping:
+            return "busy"
+        sys.exit(EXIT_BUSY)
     if dist_info.is_main:
         (run_dir / FAILED_NAME).unlink(missing_ok=True)
     try:
@@ -303,6 +312,8 @@ def main(dict_cfg: DictConfig) -> str:
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        if lock is not None:
+            lock.release()
 
 
 _job_started = False  # set when Hydra hands `main` a composed config
