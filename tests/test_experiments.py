@@ -166,10 +166,17 @@ def test_command_line_sweep_replaces_the_experiment_values(loader) -> None:
     ]
 
 
+@pytest.mark.parametrize("experiment", PAPER)
+def test_paper_sweeps_start_their_longest_runs_first(loader, experiment: str) -> None:
+    """With several runs at once, the deepest runs (the longest) go first, so none starts when the rest are done."""
+    depths = [job.model.depth for _, job in expand(loader, [f"experiment={experiment}"])]
+    assert depths == sorted(depths, reverse=True)
+
+
 def test_data_location_and_label_stay_out_of_directory_names(loader) -> None:
     overrides = ["experiment=fig6_plain", "data=npz", "data.path=/x/y.npz", 'data.label="a, b (c)"']
     names = [run.name for run, _ in expand(loader, overrides)]
-    assert names == [f"data=npz,model.depth={d}" for d in (20, 32, 44, 56)]
+    assert names == [f"data=npz,model.depth={d}" for d in (56, 44, 32, 20)]  # deepest first (fig6_plain.yaml)
 
 
 def test_speed_only_trainer_keys_keep_the_run_directories(loader) -> None:
