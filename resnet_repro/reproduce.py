@@ -67,6 +67,11 @@ LAUNCHERS = ("basic", "local", "slurm", "submitit_local")
 # The device a profile's runs must train on (unless the command line names one): the paper profile's 64k-iteration
 # runs are GPU work, so a torch that sees no GPU stops it at once instead of training on CPU for weeks.
 PROFILE_DEVICE = {"paper": "cuda"}
+# Launchers whose sweeps run several jobs at once: with them the experiments are launched together (their jobs
+# share the GPUs through gpu_slots, or queue in Slurm), so no GPU idles while one experiment waits for its longest
+# run. Each experiment's output then goes to runs/<experiment>/reproduce.log.
+CONCURRENT_LAUNCHERS = ("local", "slurm")
+REPRODUCE_LOG = "reproduce.log"
 LAUNCHERS_SUBMITTING_ELSEWHERE = ("slurm",)  # the submitting host may have no GPU; the jobs check their own
 EXIT_STOPPED = 3  # SIGTERM/SIGINT: passed on to the running sweep, which checkpoints; rerun to resume (as train.py)
 
@@ -204,34 +209,56 @@ class Stopped(Exception):
     """SIGTERM or SIGINT reached reproduce; it was passed on to the running command, which checkpoints and exits."""
 
 
-def run_step(step: Step) -> int:
-    """Run a command with inherited stdout/stderr; return its process id.
+def run_steps(steps: Sequence[Step], logs: Sequence[Path | None]) -> list[int]:
+    """Run the commands at once, each with its output on the console (log None) or appended to its log file;
+    wait for all; return their process ids.
 
-    The command runs in its own process group, and SIGTERM or Ctrl-C (SIGINT) reaching reproduce is passed on to
-    that whole group as SIGTERM: every training process, also the launcher's workers (which would otherwise go on
+    Each command runs in its own process group, and SIGTERM or Ctrl-C (SIGINT) reaching reproduce is passed on to
+    every group as SIGTERM: every training process, also the launchers' workers (which would otherwise go on
     training as orphans of a dead sweep), checkpoints at its next step boundary and exits."""
-    print(f"\n=== {step.name}: {shlex.join(step.cmd)}", flush=True)
-    tic = time.perf_counter()
-    proc = subprocess.Popen(step.cmd, start_new_session=True)
+    procs: list[subprocess.Popen] = []
     stopped: list[int] = []
 
     def forward(signum: int, frame: Any) -> None:
         stopped.append(signum)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    tic = time.perf_counter()
     try:
-        step.rc = proc.wait()
+        for step, log_path in zip(steps, logs, strict=True):
+            if stopped:
+                break
+            where = f"\n    output: {log_path}" if log_path else ""
+            print(f"\n=== {step.name}: {shlex.join(step.cmd)}{where}", flush=True)
+            if log_path is None:
+                procs.append(subprocess.Popen(step.cmd, start_new_session=True))
+                continue
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "a") as log:
+                procs.append(subprocess.Popen(step.cmd, start_new_session=True, stdout=log, stderr=subprocess.STDOUT))
+        while any(step.rc is None for step in steps[: len(procs)]):
+            for step, proc in zip(steps, procs):
+                if step.rc is None and proc.poll() is not None:
+                    step.rc, step.wall_s = proc.returncode, round(time.perf_counter() - tic, 1)
+                    step.status = "ok" if step.rc == 0 else "failed"
+                    if len(steps) > 1:
+                        print(f"=== {step.name}: exit {step.rc} after {step.wall_s:.0f} s", flush=True)
+            time.sleep(0.2 if len(steps) > 1 else 0.05)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    step.wall_s = round(time.perf_counter() - tic, 1)
-    step.status = "ok" if step.rc == 0 else "failed"
     if stopped:
-        name = signal.Signals(stopped[0]).name
-        raise Stopped(f"{step.name} was stopped by {name} (exit {step.rc}); rerun the same command to resume")
-    return proc.pid
+        names = ", ".join(s.name for s in steps[: len(procs)])
+        raise Stopped(f"{names} stopped by {signal.Signals(stopped[0]).name}; rerun the same command to resume")
+    return [proc.pid for proc in procs]
+
+
+def run_step(step: Step) -> int:
+    """Run one command with its output on the console (see run_steps); return its process id."""
+    return run_steps([step], [None])[0]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -258,6 +285,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--results-dir", default="results", help="root of the figures and tables (default results)")
     parser.add_argument("--data-root", default="./data", help="CIFAR-10 download directory (default ./data)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="with --launcher local or slurm: run the experiments one after another, output on the console "
+        "(default: all at once, each experiment's output in runs/<experiment>/reproduce.log)",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every training command")
     return parser.parse_args(argv)
 
@@ -309,17 +342,22 @@ def run_all(
     started = time.time()
     for i, step in enumerate(steps):
         step.name = f"[{i + 1}/{len(steps) + 1}] {step.name}"
-        pid = run_step(step)
-        if step.experiment is None:  # the download
-            if step.rc != 0:
-                print(
-                    f"\nreproduce: the download failed (exit {step.rc}); nothing else was run. Check the network, "
-                    "or pass --data FILE.npz.",
-                    file=sys.stderr,
-                )
-                return 2
-            continue
-        collect_results(step, Path(args.runs_dir) / experiment_dir_name(step.experiment), pid)
+    experiments = [s for s in steps if s.experiment is not None]
+    for download in (s for s in steps if s.experiment is None):
+        run_step(download)
+        if download.rc != 0:
+            print(
+                f"\nreproduce: the download failed (exit {download.rc}); nothing else was run. Check the network, "
+                "or pass --data FILE.npz.",
+                file=sys.stderr,
+            )
+            return 2
+    together = args.launcher in CONCURRENT_LAUNCHERS and not args.sequential and len(experiments) > 1
+    for batch in [experiments] if together else [[s] for s in experiments]:
+        sweep_dirs = [Path(args.runs_dir) / experiment_dir_name(s.experiment) for s in batch]
+        logs = [d / REPRODUCE_LOG for d in sweep_dirs] if together else [None]
+        for step, pid, sweep_dir in zip(batch, run_steps(batch, logs), sweep_dirs, strict=True):
+            collect_results(step, sweep_dir, pid)
 
     run_dirs, dropped = unique_runs([d for s in steps for d in s.run_dirs])
     for copy, original in dropped:

@@ -247,3 +247,26 @@ def test_reproduce_quick_profile_end_to_end(sample_npz: Path, tmp_path: Path) ->
     assert {"fig6.png", "fig7.png", "table6.md", "verdict.md", "reproduce.json"} <= {p.name for p in out.iterdir()}
     record = json.loads((out / "reproduce.json").read_text())
     assert len(record["runs_drawn"]) == 2 and [s["status"] for s in record["steps"]] == ["ok", "ok"]
+
+
+def test_with_a_concurrent_launcher_the_experiments_run_together(sample_npz: Path, tmp_path: Path, monkeypatch,
+                                                                 capsys) -> None:  # fmt: skip
+    """--launcher local: every experiment is launched before any ends (their jobs then share the GPUs by slots,
+    so no GPU idles while one experiment waits for its longest run), each one's output in its reproduce.log;
+    the results are collected from each sweep as one at a time would."""
+    two = (reproduce.Experiment("quick", ("model.arch=resnet",)), reproduce.Experiment("smoke"))
+    monkeypatch.setitem(reproduce.PROFILES, "two", two)
+    monkeypatch.setitem(reproduce.TITLE_SUFFIX, "two", "")
+    runs = tmp_path / "runs"
+    code = reproduce.main(["--profile", "two", "--data", str(sample_npz), "--label", "sample", "--launcher", "local",
+                           "--runs-dir", str(runs), "--results-dir", str(tmp_path / "results"), *TINY])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    starts = [out.index(f"=== [{i}/3] experiment {e}:") for i, e in ((1, "quick"), (2, "smoke"))]
+    ends = [out.index(f"=== [{i}/3] experiment {e}: exit 0 after") for i, e in ((1, "quick"), (2, "smoke"))]
+    assert max(starts) < min(ends)  # both running before either ended
+    for experiment, n_runs in (("quick", 1), ("smoke", 1)):
+        assert "Sweep summary" in (runs / experiment / reproduce.REPRODUCE_LOG).read_text()
+        assert len(list((runs / experiment).glob("*/metrics.json"))) == n_runs
+    record = json.loads((tmp_path / "results" / "sample" / "two" / "reproduce.json").read_text())
+    assert len(record["runs_drawn"]) == 2 and [s["status"] for s in record["steps"]] == ["ok", "ok", "ok"]
