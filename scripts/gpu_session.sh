@@ -41,9 +41,14 @@ mkdir -p "$OUT" "$WORK"
 
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$OUT/session.log"; }
 
-# pack: $WORK into $OUT/phase-$phase.tgz, replacing the previous archive only once the new one is complete
+# pack: $WORK into $OUT/phase-$phase.tgz, replacing the previous archive only once the new one is complete. The
+# quick reproduction's checkpoints stay behind (finished runs; together they would pass the 16 MiB a file may
+# have), the 64k run's comes along (it resumes from it).
 pack() {
-  tar czf "$OUT/phase-$phase.tgz.tmp" -C "$WORK" . && mv -f "$OUT/phase-$phase.tgz.tmp" "$OUT/phase-$phase.tgz"
+  tar czf "$OUT/phase-$phase.tgz.tmp" -C "$WORK" --exclude='./runs-quick/*/*/checkpoints' . &&
+    mv -f "$OUT/phase-$phase.tgz.tmp" "$OUT/phase-$phase.tgz"
+  local mib=$(($(stat -c %s "$OUT/phase-$phase.tgz") / 1048576))
+  if [ "$mib" -ge 15 ]; then log "WARNING: phase-$phase.tgz is $mib MiB; the device tool returns files up to 16 MiB"; fi
 }
 
 # step NAME LIMIT_S CMD...: run CMD with a time limit, log to $WORK/NAME.log, record rc and seconds, pack.
