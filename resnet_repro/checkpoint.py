@@ -43,7 +43,12 @@ def restore_rng_state(state: Mapping[str, torch.Tensor], device: torch.device) -
     """Put `rng_state`'s states back: the CPU generator's, and the CUDA one onto `device` when both are CUDA."""
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # checkpoints before 2026-12-01 kept every GPU's state, by index
+            index = device.index or 0
+            cuda = cuda[index] if index < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
 
 
 def config_fingerprint(config: dict[str, Any]) -> str:

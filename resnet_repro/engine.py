@@ -31,6 +31,7 @@ from resnet_repro.checkpoint import (
 )
 from resnet_repro.data import DeviceData
 from resnet_repro.optim import Schedule
+from resnet_repro.run_files import METRICS_NAME
 from resnet_repro.step import (
     Accumulators,
     EagerIteration,
@@ -42,9 +43,6 @@ from resnet_repro.step import (
 from resnet_repro.tracking import Progress, ScalarLog, now_iso
 
 log = logging.getLogger(__name__)
-
-METRICS_NAME = "metrics.json"
-FAILED_NAME = "failed.json"
 
 
 class NonFiniteError(RuntimeError):
@@ -298,12 +296,16 @@ def fit(
                     scalars.flush()
                     interval_start = time.perf_counter()
                 if stopping and not done:
-                    stop.pass_on()
                     name = signal.Signals(stop.received).name if stop.received is not None else "stop (another rank)"
-                    raise Preempted(
+                    message = (
                         f"{name} received; checkpoint written at iteration {state.iteration} to {ckpt_path}; "
                         "rerun the same command to resume"
                     )
+                    try:
+                        stop.pass_on()
+                    except Exception as exc:  # noqa: BLE001 - e.g. submitit's "not requeued": still a clean stop
+                        raise Preempted(f"{message} (the job was not requeued: {exc})") from exc
+                    raise Preempted(message)
     finally:
         progress.close()
         scalars.close()

@@ -33,9 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from resnet_repro.engine import FAILED_NAME, METRICS_NAME
 from resnet_repro.results import unique_runs
-from resnet_repro.sweep import PLAN_JSON, SUMMARY_JSON
+from resnet_repro.run_files import FAILED_NAME, METRICS_NAME, PLAN_JSON, SUMMARY_JSON
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -48,10 +47,11 @@ class Experiment:
     overrides: tuple[str, ...] = ()
 
 
-# Every configuration of the paper's experiment files once, longest last (ResNet-1202) so every other result is there
-# early. The files not run hold only copies (every run records Figure 7's responses): fig6_resnet = table6's seed 0,
-# fig7 = fig6_plain's and table6's depth 20/56, fig7_110 = table6's ResNet-110 seed 0; so are shortcuts' option A
-# and fig6_deep's ResNet-110 (table6's). The plots draw each configuration from whichever run holds it.
+# Every configuration of the paper's experiment files once, longest last (ResNet-1202) so that, one experiment at a
+# time, every other result is there early (launched together, the order is reversed: see run_all). The files not
+# run hold only copies (every run records Figure 7's responses): fig6_resnet = table6's seed 0, fig7 = fig6_plain's
+# and table6's depth 20/56, fig7_110 = table6's ResNet-110 seed 0; so are shortcuts' option A and fig6_deep's
+# ResNet-110 (table6's). The plots draw each configuration from whichever run holds it.
 PROFILES: dict[str, tuple[Experiment, ...]] = {
     "paper": (
         Experiment("fig6_plain"),
@@ -72,6 +72,7 @@ PROFILE_DEVICE = {"paper": "cuda"}
 # run. Each experiment's output then goes to runs/<experiment>/reproduce.log.
 CONCURRENT_LAUNCHERS = ("local", "slurm")
 REPRODUCE_LOG = "reproduce.log"
+LAUNCH_STAGGER_S = 20.0  # between concurrent launches, longest experiment first: its runs take the slots first
 LAUNCHERS_SUBMITTING_ELSEWHERE = ("slurm",)  # the submitting host may have no GPU; the jobs check their own
 EXIT_STOPPED = 3  # SIGTERM/SIGINT: passed on to the running sweep, which checkpoints; rerun to resume (as train.py)
 
@@ -138,7 +139,7 @@ def train_command(experiment: Experiment, args: argparse.Namespace) -> list[str]
 
 def device_overrides(args: argparse.Namespace) -> list[str]:
     """`trainer.device=cuda` for the paper profile, unless the command line sets trainer.device itself."""
-    if args.profile in PROFILE_DEVICE and not any(o.startswith("trainer.device=") for o in args.overrides):
+    if args.profile in PROFILE_DEVICE and not any(o.lstrip("+").startswith("trainer.device=") for o in args.overrides):
         return [f"trainer.device={PROFILE_DEVICE[args.profile]}"]
     return []
 
@@ -209,36 +210,48 @@ class Stopped(Exception):
     """SIGTERM or SIGINT reached reproduce; it was passed on to the running command, which checkpoints and exits."""
 
 
-def run_steps(steps: Sequence[Step], logs: Sequence[Path | None]) -> list[int]:
+def run_steps(steps: Sequence[Step], logs: Sequence[Path | None], stagger_s: float = 0.0) -> list[int]:
     """Run the commands at once, each with its output on the console (log None) or appended to its log file;
     wait for all; return their process ids.
 
-    Each command runs in its own process group, and SIGTERM or Ctrl-C (SIGINT) reaching reproduce is passed on to
-    every group as SIGTERM: every training process, also the launchers' workers (which would otherwise go on
-    training as orphans of a dead sweep), checkpoints at its next step boundary and exits."""
+    Each command runs in its own process group, and SIGTERM, Ctrl-C (SIGINT) or a closed terminal (SIGHUP)
+    reaching reproduce is passed on to every group as SIGTERM: every local training process, also the launchers'
+    workers (which would otherwise go on training as orphans of a dead sweep), checkpoints at its next step
+    boundary and exits. (Slurm jobs run on: `scancel` stops them. A SIGKILL of reproduce reaches no command.)
+    With several commands, each starts `stagger_s` after the previous one, so the first ones' runs take their GPU
+    slots first."""
     procs: list[subprocess.Popen] = []
     stopped: list[int] = []
+
+    def stop(proc: subprocess.Popen) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
 
     def forward(signum: int, frame: Any) -> None:
         stopped.append(signum)
         for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
+            stop(proc)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     tic = time.perf_counter()
     try:
-        for step, log_path in zip(steps, logs, strict=True):
+        for i, (step, log_path) in enumerate(zip(steps, logs, strict=True)):
+            if i and stagger_s and not stopped:
+                time.sleep(stagger_s)
             if stopped:
                 break
             where = f"\n    output: {log_path}" if log_path else ""
             print(f"\n=== {step.name}: {shlex.join(step.cmd)}{where}", flush=True)
             if log_path is None:
                 procs.append(subprocess.Popen(step.cmd, start_new_session=True))
-                continue
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(log_path, "a") as log:
-                procs.append(subprocess.Popen(step.cmd, start_new_session=True, stdout=log, stderr=subprocess.STDOUT))
+            else:
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                with open(log_path, "a") as log:
+                    procs.append(
+                        subprocess.Popen(step.cmd, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+                    )
+            if stopped:  # the signal came while this one was starting, before `forward` could see it
+                stop(procs[-1])
         while any(step.rc is None for step in steps[: len(procs)]):
             for step, proc in zip(steps, procs):
                 if step.rc is None and proc.poll() is not None:
@@ -353,10 +366,12 @@ def run_all(
             )
             return 2
     together = args.launcher in CONCURRENT_LAUNCHERS and not args.sequential and len(experiments) > 1
-    for batch in [experiments] if together else [[s] for s in experiments]:
+    # together: the longest experiment (last in PROFILES) starts first, so its long runs take GPUs first
+    for batch in [experiments[::-1]] if together else [[s] for s in experiments]:
         sweep_dirs = [Path(args.runs_dir) / experiment_dir_name(s.experiment) for s in batch]
         logs = [d / REPRODUCE_LOG for d in sweep_dirs] if together else [None]
-        for step, pid, sweep_dir in zip(batch, run_steps(batch, logs), sweep_dirs, strict=True):
+        pids = run_steps(batch, logs, LAUNCH_STAGGER_S if together else 0.0)
+        for step, pid, sweep_dir in zip(batch, pids, sweep_dirs, strict=True):
             collect_results(step, sweep_dir, pid)
 
     run_dirs, dropped = unique_runs([d for s in steps for d in s.run_dirs])

@@ -19,11 +19,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from resnet_repro.errors import ConfigError
 from resnet_repro.paper import paper_result
+from resnet_repro.run_files import FAILED_NAME, METRICS_NAME
 
 log = logging.getLogger(__name__)
 
-METRICS = "metrics.json"
-FAILED = "failed.json"
 ARCH_ORDER = ("plain", "resnet", "preact", "bottleneck", "resnet18")
 ARCH_NAMES = {"plain": "plain", "resnet": "ResNet", "preact": "pre-act ResNet", "bottleneck": "bottleneck ResNet"}
 
@@ -63,10 +62,10 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
     for path in map(Path, paths):
         if not path.is_dir():
             raise ConfigError(f"run path {path} is not a directory")
-        if (path / METRICS).is_file() or (path / FAILED).is_file():
+        if (path / METRICS_NAME).is_file() or (path / FAILED_NAME).is_file():
             found.add(path)
         else:
-            found.update(p.parent for name in (METRICS, FAILED) for p in path.rglob(name))
+            found.update(p.parent for name in (METRICS_NAME, FAILED_NAME) for p in path.rglob(name))
     return sorted(found)
 
 
@@ -103,7 +102,7 @@ def unique_runs(run_dirs: Iterable[str | Path]) -> tuple[list[Path], list[tuple[
     dropped: list[tuple[Path, Path]] = []
     seen: dict[str, Path] = {}
     for run_dir in map(Path, dict.fromkeys(map(str, run_dirs))):
-        fingerprint = recipe_fingerprint(run_dir / METRICS)
+        fingerprint = recipe_fingerprint(run_dir / METRICS_NAME)
         if fingerprint is not None and fingerprint in seen:
             dropped.append((run_dir, seen[fingerprint]))
             continue
@@ -116,7 +115,7 @@ def unique_runs(run_dirs: Iterable[str | Path]) -> tuple[list[Path], list[tuple[
 def load_run(run_dir: str | Path) -> Run:
     """Load one run directory; metrics.json wins over a stale failed.json from an earlier attempt."""
     run_dir = Path(run_dir)
-    source = run_dir / METRICS if (run_dir / METRICS).is_file() else run_dir / FAILED
+    source = run_dir / METRICS_NAME if (run_dir / METRICS_NAME).is_file() else run_dir / FAILED_NAME
     try:
         metrics = json.loads(source.read_text())
     except (OSError, json.JSONDecodeError) as exc:

@@ -29,14 +29,11 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from resnet_repro.checkpoint import atomic_write_json
-from resnet_repro.engine import FAILED_NAME, METRICS_NAME
 from resnet_repro.gpu_slots import parse_runs_per_gpu
+from resnet_repro.run_files import FAILED_NAME, METRICS_NAME, PLAN_JSON, SUMMARY_JSON, SUMMARY_LOG
 from resnet_repro.run_lock import holder
 from resnet_repro.tracking import now_iso
 
-SUMMARY_JSON = "sweep_summary.json"
-PLAN_JSON = "sweep_plan.json"  # the planned run directories, written when the multirun starts
-SUMMARY_LOG = "sweeps.log"
 STATUSES = ("finished", "skipped", "failed", "incomplete")
 EXIT_SWEEP_FAILED = 4  # failed or incomplete runs at the end (train.py: 1 failed, 2 config, 3 preempted, 5 busy)
 

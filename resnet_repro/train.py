@@ -35,13 +35,14 @@ from resnet_repro.config import (
     warmup_enabled,
 )
 from resnet_repro.data import DeviceData, load_cifar10, load_npz, split_validation
-from resnet_repro.engine import FAILED_NAME, METRICS_NAME, DistInfo, LoopOptions, Preempted, fit, write_metrics
+from resnet_repro.engine import DistInfo, LoopOptions, Preempted, fit, write_metrics
 from resnet_repro.errors import ConfigError
 from resnet_repro.gpu_slots import acquire_gpu_slot, cuda_gpu_keys, runs_per_gpu_from_env
 from resnet_repro.models import build_model, count_parameters
 from resnet_repro.models.ghost_bn import use_ghost_batch_norm
 from resnet_repro.optim import Schedule, Warmup, make_sgd
-from resnet_repro.run_lock import RunDirectoryBusy, hold_run_directory
+from resnet_repro.run_files import FAILED_NAME, METRICS_NAME
+from resnet_repro.run_lock import RunDirectoryBusy, hold_run_directory, holder
 from resnet_repro.sweep import local_jobs
 from resnet_repro.tracking import environment_info, now_iso
 
@@ -50,7 +51,7 @@ log = logging.getLogger("resnet_repro.train")
 EXIT_CONFIG_ERROR = 2  # the command line or config is wrong (Hydra's own rejections too, via `cli`); nothing ran
 EXIT_FAILED = 1
 EXIT_PREEMPTED = 3  # SIGTERM/SIGUSR1/SIGUSR2: checkpoint written; rerun the same command to resume
-EXIT_BUSY = 5  # another process is training this run directory (run_lock.py); nothing was touched
+EXIT_BUSY = 5  # another process is training this run directory (run_lock.py); nothing was written into it
 # Absolute, so the console script and in-process calls find the configs too (a relative path would be resolved
 # against the package `resnet_repro` when the module is not run as __main__).
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -61,14 +62,20 @@ def run_name(override_dirname: str) -> str:
     return override_dirname.replace("/", "_") or "default"
 
 
+def _hands_off(output_dir: str) -> bool:
+    """Is the run directory finished, or being trained by another process? Then this job must not write into it."""
+    return (Path(output_dir) / METRICS_NAME).exists() or holder(Path(output_dir)) is not None
+
+
 def hydra_subdir(output_dir: str) -> str | None:
-    """`hydra.output_subdir`: `.hydra`, or None (Hydra saves nothing) for a finished run, which stays untouched."""
-    return None if (Path(output_dir) / METRICS_NAME).exists() else ".hydra"
+    """`hydra.output_subdir`: `.hydra`, or None (Hydra saves nothing) for a finished run or one another process
+    trains, which stay untouched."""
+    return None if _hands_off(output_dir) else ".hydra"
 
 
 def run_log(output_dir: str) -> str:
-    """The job's log file: `train.log` in the run directory, or os.devnull for a finished run (skipped)."""
-    return os.devnull if (Path(output_dir) / METRICS_NAME).exists() else str(Path(output_dir) / "train.log")
+    """The job's log file: `train.log` in the run directory, or os.devnull for a finished (skipped) or busy run."""
+    return os.devnull if _hands_off(output_dir) else str(Path(output_dir) / "train.log")
 
 
 register_configs()
@@ -106,10 +113,10 @@ def job_device(requested: Device, dist_info: DistInfo, sweeping: bool) -> Iterat
         try:
             yield torch.device("cuda", slot.index)
         finally:
-            # a launcher's worker process is reused for later jobs, maybe on another GPU: hand this one's cached
-            # memory back to it before another run takes the slot
-            torch.cuda.empty_cache()
-            slot.release()
+            try:  # a launcher's worker is reused for later jobs, maybe on another GPU: give this one's cache back
+                torch.cuda.empty_cache()
+            finally:
+                slot.release()
 
 
 def load_data(cfg: TrainConfig):
@@ -267,7 +274,8 @@ def _silence_other_ranks(dist_info: DistInfo) -> None:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(dict_cfg: DictConfig) -> str:
-    """Run one job; returns 'finished', 'skipped' or 'failed'. In a sweep a failure never raises."""
+    """Run one job; returns 'finished', 'skipped', 'busy' (another process trains its directory) or 'failed'.
+    In a sweep a failure never raises."""
     global _job_started
     _job_started = True
     hydra_cfg = HydraConfig.get()
@@ -285,6 +293,11 @@ def main(dict_cfg: DictConfig) -> str:
         if sweeping:
             return "busy"
         sys.exit(EXIT_BUSY)
+    if (run_dir / METRICS_NAME).exists():  # finished by the process that held the lock a moment ago
+        if lock is not None:
+            lock.release()
+        log.info("skipped: %s exists (the run is finished; delete it to train again)", run_dir / METRICS_NAME)
+        return "skipped"
     if dist_info.is_main:
         (run_dir / FAILED_NAME).unlink(missing_ok=True)
     try:

@@ -249,3 +249,7 @@ def test_rng_state_keeps_the_run_devices_generator_and_restores_it_on_the_resume
     restored.clear()
     restore_rng_state(saved, torch.device("cpu"))  # a CUDA run resumed on CPU: the CPU generator only
     assert restored == [] and set(rng_state(torch.device("cpu"))) == {"cpu"}
+    legacy = {"cpu": saved["cpu"], "cuda": [cuda_states[i] for i in range(2)]}  # before 2026-12-01: every GPU's
+    restore_rng_state(legacy, torch.device("cuda", 1))
+    restore_rng_state(legacy, torch.device("cuda", 5))  # no entry for that index: left alone
+    assert len(restored) == 1 and torch.equal(restored[0][0], cuda_states[1])

@@ -1,5 +1,6 @@
 """One training process per run directory (resnet_repro/run_lock.py): a second one is refused before it touches
-anything, a sweep reports who holds the directory, and a killed holder frees it."""
+anything (not even Hydra's .hydra/ or train.log), a sweep reports who holds the directory, and a killed holder
+frees it."""
 
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def test_the_command_line_refuses_a_run_directory_in_use_and_leaves_it_alone(sam
         assert proc.returncode == 5, proc.stdout[-2000:]
         assert f"being trained by pid {other.pid}" in proc.stdout
         assert time.monotonic() - started < 120  # refused at once, not after waiting
-        assert not (run_dir / "checkpoints").exists() and not (run_dir / "failed.json").exists()
+        assert sorted(p.name for p in run_dir.iterdir()) == [".train.lock"]  # no .hydra/, train.log, checkpoints
         planned = PlannedRun([], run_dir.name, run_dir)
         row = run_status(planned, {"metrics": False, "failed": None})
         assert row["status"] == "incomplete" and f"being trained by pid {other.pid}" in row["error"]

@@ -90,7 +90,8 @@ def test_sigterm_stops_a_whole_basic_launcher_sweep_not_just_its_current_run(sam
     assert not list(runs.glob("default/*seed=1*"))
 
 
-def test_sigusr2_checkpoints_then_hands_the_signal_to_submitits_handler(reference, tmp_path):
+@pytest.mark.parametrize("requeued", [True, False], ids=["requeued", "out of requeues"])
+def test_sigusr2_checkpoints_then_hands_the_signal_to_submitits_handler(reference, tmp_path, requeued):
     """hydra-submitit-launcher's jobs get SIGUSR2 before their time limit, and submitit's handler requeues the job
     and exits. Ours comes first: the checkpoint at the next step boundary, then submitit's handler (here a stand-in
     that records what it finds on disk), so the requeued job loses no iteration."""
@@ -99,10 +100,13 @@ def test_sigusr2_checkpoints_then_hands_the_signal_to_submitits_handler(referenc
 
     def submitit_handler(signum, frame):
         seen.append((signum, checkpoint_iteration(run_dir)))
+        if not requeued:  # what submitit raises after max_num_timeout requeues: still a clean stop, not a failure
+            raise RuntimeError("Job not requeued because: timed-out too many times.")
 
     previous = signal.signal(signal.SIGUSR2, submitit_handler)
     try:
-        with faults.inject("step@23/usr2"), pytest.raises(Preempted, match="SIGUSR2"):
+        expected = "SIGUSR2" if requeued else "SIGUSR2 .* not requeued: Job not requeued because: timed-out"
+        with faults.inject("step@23/usr2"), pytest.raises(Preempted, match=expected):
             train_in_process(copy.deepcopy(reference["cfg"]), run_dir)
         assert signal.getsignal(signal.SIGUSR2) is submitit_handler  # ours is removed again after the run
     finally:

@@ -21,14 +21,8 @@ import pytest
 
 from resnet_repro import reproduce
 from resnet_repro.results import unique_runs
-from resnet_repro.sweep import (
-    EXIT_SWEEP_FAILED,
-    PLAN_JSON,
-    SUMMARY_JSON,
-    PlannedRun,
-    format_summary,
-    run_status,
-)
+from resnet_repro.run_files import PLAN_JSON, SUMMARY_JSON
+from resnet_repro.sweep import EXIT_SWEEP_FAILED, PlannedRun, format_summary, run_status
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -171,8 +165,8 @@ def test_the_paper_profile_refuses_to_start_without_a_gpu(monkeypatch, tmp_path:
     assert reproduce.main([*args, "--dry-run", "trainer.device=cpu"]) == 0
     commands = capsys.readouterr().out.splitlines()[1:5]
     assert all(c.endswith("trainer.device=cpu") and "trainer.device=cuda" not in c for c in commands)
-    parsed = reproduce.parse_args([*args, "trainer.device=cpu"])
-    assert reproduce.missing_gpu(parsed) is None
+    for insist in ("trainer.device=cpu", "++trainer.device=cpu"):
+        assert reproduce.missing_gpu(reproduce.parse_args([*args, insist])) is None
     assert reproduce.missing_gpu(reproduce.parse_args(["--profile", "quick"])) is None
 
 
@@ -251,22 +245,25 @@ def test_reproduce_quick_profile_end_to_end(sample_npz: Path, tmp_path: Path) ->
 
 def test_with_a_concurrent_launcher_the_experiments_run_together(sample_npz: Path, tmp_path: Path, monkeypatch,
                                                                  capsys) -> None:  # fmt: skip
-    """--launcher local: every experiment is launched before any ends (their jobs then share the GPUs by slots,
-    so no GPU idles while one experiment waits for its longest run), each one's output in its reproduce.log;
-    the results are collected from each sweep as one at a time would."""
+    """--launcher local: the experiments run at the same time, the longest (last in the profile) launched first
+    (their jobs then share the GPUs by slots, so no GPU idles while one experiment waits for its longest run),
+    each one's output in its reproduce.log; the results are collected from each sweep as one at a time would."""
     two = (reproduce.Experiment("quick", ("model.arch=resnet",)), reproduce.Experiment("smoke"))
     monkeypatch.setitem(reproduce.PROFILES, "two", two)
     monkeypatch.setitem(reproduce.TITLE_SUFFIX, "two", "")
+    monkeypatch.setattr(reproduce, "LAUNCH_STAGGER_S", 0.0)
     runs = tmp_path / "runs"
     code = reproduce.main(["--profile", "two", "--data", str(sample_npz), "--label", "sample", "--launcher", "local",
                            "--runs-dir", str(runs), "--results-dir", str(tmp_path / "results"), *TINY])  # fmt: skip
     assert code == 0
     out = capsys.readouterr().out
-    starts = [out.index(f"=== [{i}/3] experiment {e}:") for i, e in ((1, "quick"), (2, "smoke"))]
-    ends = [out.index(f"=== [{i}/3] experiment {e}: exit 0 after") for i, e in ((1, "quick"), (2, "smoke"))]
-    assert max(starts) < min(ends)  # both running before either ended
-    for experiment, n_runs in (("quick", 1), ("smoke", 1)):
+    assert out.index("=== [2/3] experiment smoke:") < out.index("=== [1/3] experiment quick:")  # longest first
+    spans = {}
+    for experiment in ("quick", "smoke"):
         assert "Sweep summary" in (runs / experiment / reproduce.REPRODUCE_LOG).read_text()
-        assert len(list((runs / experiment).glob("*/metrics.json"))) == n_runs
+        assert len(list((runs / experiment).glob("*/metrics.json"))) == 1
+        summary = json.loads((runs / experiment / SUMMARY_JSON).read_text())
+        spans[experiment] = (summary["started"], summary["ended"])
+    assert spans["quick"][0] < spans["smoke"][1] and spans["smoke"][0] < spans["quick"][1]  # the sweeps overlapped
     record = json.loads((tmp_path / "results" / "sample" / "two" / "reproduce.json").read_text())
     assert len(record["runs_drawn"]) == 2 and [s["status"] for s in record["steps"]] == ["ok", "ok", "ok"]
