@@ -264,6 +264,6 @@ def test_with_a_concurrent_launcher_the_experiments_run_together(sample_npz: Pat
         assert len(list((runs / experiment).glob("*/metrics.json"))) == 1
         summary = json.loads((runs / experiment / SUMMARY_JSON).read_text())
         spans[experiment] = (summary["started"], summary["ended"])
-    assert spans["quick"][0] < spans["smoke"][1] and spans["smoke"][0] < spans["quick"][1]  # the sweeps overlapped
+    assert spans["quick"][0] <= spans["smoke"][1] and spans["smoke"][0] <= spans["quick"][1]  # the sweeps overlapped
     record = json.loads((tmp_path / "results" / "sample" / "two" / "reproduce.json").read_text())
     assert len(record["runs_drawn"]) == 2 and [s["status"] for s in record["steps"]] == ["ok", "ok", "ok"]
