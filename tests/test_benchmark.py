@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from resnet_repro.bench.concurrency import HOW_TO_SET_K, recommend_k
+from resnet_repro.bench.helpers import random_cifar
 from resnet_repro.bench.measure import Row
 from resnet_repro.bench.report import suite_projection
 from resnet_repro.bench.variants import parse_arch, plan_variants
+from resnet_repro.data import DeviceData
 
 REPO = Path(__file__).resolve().parents[1]
 TABLE_COLUMNS = (
@@ -105,7 +107,8 @@ def test_cli_writes_markdown_and_json_with_every_column(bench_run) -> None:
     assert meta["command"].startswith("python scripts/bench.py") and "--arches resnet-8" in meta["command"]
     assert meta["complete"] is True and meta["stage"] == "complete" and "Partial report" not in md
     rows = {r["config"]: r for r in report["rows"]}
-    assert list(rows) == ["baseline", "ours-1", "ours-2", "ours-3", "ours-4", "ours-5", "ours-5b"]
+    assert list(rows) == ["baseline", *(f"ours-{k}" for k in ("1", "2", "3", "4", "5", "5b", "3g", "5bg"))]
+    assert rows["ours-3g"]["status"] == "skipped" and "needs a batch above 64" in rows["ours-3g"]["note"]  # batch 16
     for key in ("baseline", "ours-1", "ours-3"):
         assert rows[key]["status"] == "ok", rows[key]["note"]
         for field in ROW_KEYS:
@@ -116,7 +119,7 @@ def test_cli_writes_markdown_and_json_with_every_column(bench_run) -> None:
     assert rows["baseline"]["speedup"] == pytest.approx(1.0)
     assert rows["ours-2"]["status"] in ("ok", "skipped")  # bf16 on CPU runs unless absurdly slow
     assert rows["ours-4"]["status"] == "skipped" and "compile-on-cpu" in rows["ours-4"]["note"]
-    for key in ("ours-5", "ours-5b"):
+    for key in ("ours-5", "ours-5b", "ours-5bg"):
         assert rows[key]["status"] == "skipped" and "CUDA" in rows[key]["note"]
     assert "ResNet-8" in md and "skipped" in md
 
@@ -208,6 +211,22 @@ def test_plan_on_cpu_skips_cuda_only_rows() -> None:
     assert all(p.skip is None for p in cuda.values())
     assert cuda["ours-2"].variant.channels_last and cuda["ours-5"].variant.graphs and cuda["ours-5"].variant.compile
     assert cuda["ours-5b"].variant.graphs and not cuda["ours-5b"].variant.compile
+
+
+def test_the_papers_bn_statistics_row_runs_ghost_bn_over_64_images() -> None:
+    """(3g) is (3) with model.bn_group=64, the paper's two-GPU BN statistics: what train.py builds for that key."""
+    from resnet_repro.bench.ours import OursRunner
+    from resnet_repro.models.ghost_bn import GhostBatchNorm2d
+
+    plan = {p.variant.key: p for p in plan_variants(torch.device("cpu"), compile_on_cpu=False)}
+    assert plan["ours-3g"].skip is None and plan["ours-5bg"].skip == "CUDA only"
+    data = DeviceData(random_cifar(256, 8, seed=0), None, torch.device("cpu"), "pixel_mean", True, seed=0)
+    runner = OursRunner("resnet", 8, plan["ours-3g"].variant, data, 128)
+    bns = [m for m in runner.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(isinstance(m, GhostBatchNorm2d) and m.group_size == 64 for m in bns)
+    runner.run(1)
+    plain = OursRunner("resnet", 8, plan["ours-3"].variant, data, 128)
+    assert not any(isinstance(m, GhostBatchNorm2d) for m in plain.model.modules())
 
 
 def test_arch_parsing() -> None:

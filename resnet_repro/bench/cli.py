@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     only = [c for c in args.configs.split(",") if c] if args.configs else None
-    plan = plan_variants(device, args.compile_on_cpu, only)
+    plan = plan_variants(device, args.compile_on_cpu, only, args.batch_size)
     ours_keys = [p.variant.key for p in plan_variants(device, True) if p.variant.pipeline == "ours"]
     if args.k_config not in ours_keys:
         raise SystemExit(f"--k-config {args.k_config!r}: one of {ours_keys}")

@@ -21,6 +21,7 @@ from resnet_repro.checkpoint import rng_state
 from resnet_repro.data import DeviceData
 from resnet_repro.engine import RunState
 from resnet_repro.models import build_model
+from resnet_repro.models.ghost_bn import use_ghost_batch_norm
 from resnet_repro.optim import Schedule, make_sgd
 from resnet_repro.step import (
     Accumulators,
@@ -38,7 +39,7 @@ class OursRunner:
         self.data = copy.copy(data)  # shares the image tensors, own epoch-plan cache
         self.data._plans = {}
         torch.manual_seed(0)
-        model = build_model(arch, depth)
+        model = use_ghost_batch_norm(build_model(arch, depth), variant.bn_group)  # 0: plain BN, as train.py
         fmt = torch.channels_last if variant.channels_last else torch.preserve_format
         self.model = model.to(self.device, memory_format=fmt)
         self.optimizer = make_sgd(self.model, BASE_LR, MOMENTUM, WEIGHT_DECAY, fused=variant.sgd == "fused")

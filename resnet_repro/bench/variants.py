@@ -31,6 +31,7 @@ class Variant:
     sgd: str = "foreach"  # default (torch.optim.SGD without flags) | foreach | fused
     compile: bool = False
     graphs: bool = False
+    bn_group: int = 0  # ghost-BN group (model.bn_group); 64 = the paper's BN statistics on one GPU
 
     def settings(self) -> str:
         """Short human description of what this row runs."""
@@ -44,6 +45,8 @@ class Variant:
             parts.append("torch.compile")
         if self.graphs:
             parts.append("CUDA graph")
+        if self.bn_group:
+            parts.append(f"ghost BN over {self.bn_group}")
         return ", ".join(parts)
 
 
@@ -55,8 +58,11 @@ class Planned:
     skip: str | None = None
 
 
-def plan_variants(device: torch.device, compile_on_cpu: bool, only: list[str] | None = None) -> list[Planned]:
-    """The baseline and our cumulative speed features, with skip reasons for what this device cannot run."""
+def plan_variants(
+    device: torch.device, compile_on_cpu: bool, only: list[str] | None = None, batch_size: int = 128
+) -> list[Planned]:
+    """The baseline and our cumulative speed features, with skip reasons for what this device (or batch size)
+    cannot run."""
     cuda = device.type == "cuda"
     base = Variant("baseline", "baseline (typical reproduction)", pipeline="baseline", sgd="default")
     v1 = Variant("ours-1", "(1) device data + batched aug, foreach SGD")
@@ -73,10 +79,17 @@ def plan_variants(device: torch.device, compile_on_cpu: bool, only: list[str] | 
     v5 = replace(v4, key="ours-5", label="(5) + CUDA graph (aug+fwd+bwd+SGD)", graphs=True)
     # Not cumulative: (3) + graph without compile, i.e. no per-run compile time (matters for a 9-run suite).
     v5b = replace(v3, key="ours-5b", label="(5b) (3) + CUDA graph, no compile", graphs=True)
+    # What the paper's BN statistics (64 images, model.bn_group=64) would cost: README's recipe table, DESIGN.md
+    v3g = replace(v3, key="ours-3g", label="(3g) (3) with the paper's BN over 64 images (ghost BN)", bn_group=64)
+    v5bg = replace(v5b, key="ours-5bg", label="(5bg) (5b) with the paper's BN over 64 images", bn_group=64)
     plan = [Planned(base), Planned(v1), Planned(v2), Planned(v3)]
     plan.append(Planned(v4, None if cuda or compile_on_cpu else "CUDA only by default (--compile-on-cpu forces it)"))
     plan.append(Planned(v5, None if cuda else "CUDA only"))
     plan.append(Planned(v5b, None if cuda else "CUDA only"))
+    small_batch = batch_size <= v3g.bn_group
+    ghost_skip = f"needs a batch above {v3g.bn_group} (--batch-size {batch_size})" if small_batch else None
+    plan.append(Planned(v3g, ghost_skip))
+    plan.append(Planned(v5bg, ghost_skip if cuda else "CUDA only"))
     if only:
         unknown = sorted(set(only) - {p.variant.key for p in plan})
         if unknown:
