@@ -191,13 +191,43 @@ def test_ghost_bn_matches_separate_batch_norms() -> None:
     halves = [nn.BatchNorm2d(3) for _ in range(2)]
     for half in halves:
         half.load_state_dict(bn.state_dict())
-    expected = torch.cat([half(part) for half, part in zip(halves, x.split(g), strict=True)])
-    torch.testing.assert_close(ghost(x), expected, atol=1e-5, rtol=0)
+    x_ref = x.clone().requires_grad_()
+    x.requires_grad_()
+    expected = torch.cat([half(part) for half, part in zip(halves, x_ref.split(g), strict=True)])
+    out = ghost(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    upstream = torch.randn_like(out)
+    out.backward(upstream)
+    expected.backward(upstream)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=0)  # the backward pass too
+    for name in ("weight", "bias"):
+        summed = getattr(halves[0], name).grad + getattr(halves[1], name).grad
+        torch.testing.assert_close(getattr(ghost, name).grad, summed, atol=1e-4, rtol=0)
     # running stats: the average of the two separate BNs' (same start, same momentum)
     for name in ("running_mean", "running_var"):
         average = (getattr(halves[0], name) + getattr(halves[1], name)) / 2
         torch.testing.assert_close(getattr(ghost, name), average, atol=1e-6, rtol=0)
     assert ghost.num_batches_tracked.item() == 1
+
+
+def test_ghost_bn_cumulative_average_and_channels_last() -> None:
+    """momentum=None (cumulative averages) over two steps, and channels_last in gives channels_last out."""
+    torch.manual_seed(0)
+    ghost = GhostBatchNorm2d(3, 4, momentum=None)
+    halves = [nn.BatchNorm2d(3, momentum=None) for _ in range(2)]
+    for _ in range(2):
+        x = torch.randn(8, 3, 5, 5) * 2 + 1
+        ghost(x)
+        for half, part in zip(halves, x.split(4), strict=True):
+            half(part)
+    for name in ("running_mean", "running_var"):
+        average = (getattr(halves[0], name) + getattr(halves[1], name)) / 2
+        torch.testing.assert_close(getattr(ghost, name), average, atol=1e-6, rtol=0)
+    assert ghost.num_batches_tracked.item() == 2
+    x = torch.randn(8, 3, 5, 5).contiguous(memory_format=torch.channels_last)
+    out = ghost(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ghost(x.contiguous()), atol=1e-6, rtol=0)
 
 
 def test_ghost_bn_whole_batch_and_eval_equal_batch_norm() -> None:
