@@ -46,6 +46,7 @@ def restore_rng_state(state: Mapping[str, torch.Tensor], device: torch.device) -
         cuda = state["cuda"]
         if isinstance(cuda, (list, tuple)):  # checkpoints before 2026-12-01 kept every GPU's state, by index
             index = device.index or 0
+            log.warning("checkpoint from before 2026-12-01: restoring its CUDA generator state of GPU %d", index)
             cuda = cuda[index] if index < len(cuda) else None
         if cuda is not None:
             torch.cuda.set_rng_state(cuda, device)

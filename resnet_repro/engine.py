@@ -53,6 +53,11 @@ class Preempted(RuntimeError):
     """SIGTERM/SIGUSR1/SIGUSR2 arrived; a checkpoint was written at a step boundary."""
 
 
+class NotRequeued(RuntimeError):
+    """SIGUSR2 arrived under submitit, the checkpoint was written, and submitit would not requeue the job (it had
+    timed out too often): the run is recorded as failed; rerunning the sweep resumes it from the checkpoint."""
+
+
 @dataclass
 class LoopOptions:
     """How long and how often: everything `fit` needs besides the objects it trains."""
@@ -303,8 +308,9 @@ def fit(
                     )
                     try:
                         stop.pass_on()
-                    except Exception as exc:  # noqa: BLE001 - e.g. submitit's "not requeued": still a clean stop
-                        raise Preempted(f"{message} (the job was not requeued: {exc})") from exc
+                    except Exception as exc:  # noqa: BLE001 - submitit's "not requeued" (out of max_num_timeout)
+                        # an ordinary failure, so submitit records the job's result and the sweep summary lists it
+                        raise NotRequeued(f"{message}; the Slurm job was not requeued: {exc}") from exc
                     raise Preempted(message)
     finally:
         progress.close()

@@ -27,6 +27,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -222,13 +223,19 @@ def run_steps(steps: Sequence[Step], logs: Sequence[Path | None], stagger_s: flo
     slots first."""
     procs: list[subprocess.Popen] = []
     stopped: list[int] = []
+    stopping = threading.Event()  # wakes the stagger's wait at once
 
     def stop(proc: subprocess.Popen) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
 
     def forward(signum: int, frame: Any) -> None:
+        if signum == signal.SIGHUP:  # the terminal is gone: writing to it would raise from here on
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.dup2(devnull, sys.stderr.fileno())
         stopped.append(signum)
+        stopping.set()
         for proc in procs:
             stop(proc)
 
@@ -236,8 +243,8 @@ def run_steps(steps: Sequence[Step], logs: Sequence[Path | None], stagger_s: flo
     tic = time.perf_counter()
     try:
         for i, (step, log_path) in enumerate(zip(steps, logs, strict=True)):
-            if i and stagger_s and not stopped:
-                time.sleep(stagger_s)
+            if i and stagger_s:
+                stopping.wait(stagger_s)
             if stopped:
                 break
             where = f"\n    output: {log_path}" if log_path else ""

@@ -293,8 +293,8 @@ def main(dict_cfg: DictConfig) -> str:
         if sweeping:
             return "busy"
         sys.exit(EXIT_BUSY)
-    if (run_dir / METRICS_NAME).exists():  # finished by the process that held the lock a moment ago
-        if lock is not None:
+    if dist_info.world_size == 1 and (run_dir / METRICS_NAME).exists():  # finished by the last holder just now
+        if lock is not None:  # (not under DDP: a rank skipping alone would leave the others waiting for it)
             lock.release()
         log.info("skipped: %s exists (the run is finished; delete it to train again)", run_dir / METRICS_NAME)
         return "skipped"

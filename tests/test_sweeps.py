@@ -267,3 +267,25 @@ def test_with_a_concurrent_launcher_the_experiments_run_together(sample_npz: Pat
     assert spans["quick"][0] <= spans["smoke"][1] and spans["smoke"][0] <= spans["quick"][1]  # the sweeps overlapped
     record = json.loads((tmp_path / "results" / "sample" / "two" / "reproduce.json").read_text())
     assert len(record["runs_drawn"]) == 2 and [s["status"] for s in record["steps"]] == ["ok", "ok", "ok"]
+
+
+def test_a_closed_terminal_stops_reproduce_cleanly(tmp_path: Path) -> None:
+    """SIGHUP (the terminal closed): the commands get SIGTERM and reproduce ends with Stopped. (Its own output
+    then goes to /dev/null, since writes to a closed terminal fail; here stdout is a pipe, so that part is not
+    exercised.)"""
+    marker = tmp_path / "marker"
+    script = (
+        "import os, signal, sys, threading\n"
+        "from resnet_repro import reproduce\n"
+        "step = reproduce.Step('sweep', [sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGHUP)).start()\n"
+        "try:\n"
+        "    reproduce.run_steps([step], [None])\n"
+        "except reproduce.Stopped as exc:\n"
+        f"    open({str(marker)!r}, 'w').write(f'{{step.rc}} {{exc}}')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(reproduce.__file__).parents[1], timeout=60,
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rc, message = marker.read_text().split(" ", 1)
+    assert rc == str(-signal.SIGTERM) and "stopped by SIGHUP" in message
