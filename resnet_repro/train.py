@@ -264,6 +264,14 @@ def _record_failure(run_dir: Path, exc: BaseException) -> None:
     )
 
 
+def _finished(run_dir: Path) -> bool:
+    """Does `run_dir` hold metrics.json? Then the run is finished, and this job skips it (logged)."""
+    if not (run_dir / METRICS_NAME).exists():
+        return False
+    log.info("skipped: %s exists (the run is finished; delete it to train again)", run_dir / METRICS_NAME)
+    return True
+
+
 def _silence_other_ranks(dist_info: DistInfo) -> None:
     if not dist_info.is_main:
         root = logging.getLogger()
@@ -283,8 +291,7 @@ def main(dict_cfg: DictConfig) -> str:
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
     dist_info = distributed_info()
     _silence_other_ranks(dist_info)
-    if (run_dir / METRICS_NAME).exists():
-        log.info("skipped: %s exists (the run is finished; delete it to train again)", run_dir / METRICS_NAME)
+    if _finished(run_dir):  # before the lock, which would add its file to a finished run's directory
         return "skipped"
     try:
         lock = hold_run_directory(run_dir) if dist_info.is_main else None
@@ -293,10 +300,9 @@ def main(dict_cfg: DictConfig) -> str:
         if sweeping:
             return "busy"
         sys.exit(EXIT_BUSY)
-    if dist_info.world_size == 1 and (run_dir / METRICS_NAME).exists():  # finished by the last holder just now
-        if lock is not None:  # (not under DDP: a rank skipping alone would leave the others waiting for it)
+    if dist_info.world_size == 1 and _finished(run_dir):  # finished by the last holder just now (not under DDP:
+        if lock is not None:  # a rank skipping alone would leave the others waiting for it)
             lock.release()
-        log.info("skipped: %s exists (the run is finished; delete it to train again)", run_dir / METRICS_NAME)
         return "skipped"
     if dist_info.is_main:
         (run_dir / FAILED_NAME).unlink(missing_ok=True)
