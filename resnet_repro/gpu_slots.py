@@ -10,8 +10,8 @@ keeps it until its run ends. Slots are `flock` locks on files named by the GPU's
 - a job that finds every slot busy waits for one instead of oversubscribing a GPU.
 
 The directory is `$RESNET_REPRO_SLOT_DIR` (default: `resnet_repro-gpu-slots-<uid>` in the system temp folder, one
-per user, since another user's lock files are not ours to open) and K is `$RESNET_REPRO_RUNS_PER_GPU` (default 1),
-the same variable that sizes the local launcher's `n_jobs`.
+per user, since another user's lock files are not ours to open) and K is `$RESNET_REPRO_RUNS_PER_GPU`, the same
+variable that sizes the local launcher's `n_jobs` (runs_per_gpu.py).
 """
 
 from __future__ import annotations
@@ -27,12 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from resnet_repro.errors import ConfigError
-
 log = logging.getLogger(__name__)
 
 SLOT_DIR_ENV = "RESNET_REPRO_SLOT_DIR"
-RUNS_PER_GPU_ENV = "RESNET_REPRO_RUNS_PER_GPU"
 CHOOSER_NAME = "choose.lock"
 WAIT_LOG_EVERY_S = 60.0
 
@@ -56,22 +53,6 @@ class GpuSlot:
 def default_slot_dir() -> Path:
     """`$RESNET_REPRO_SLOT_DIR`, or this user's folder in the system temp directory (shared by all their jobs)."""
     return Path(os.environ.get(SLOT_DIR_ENV) or Path(tempfile.gettempdir()) / f"resnet_repro-gpu-slots-{os.getuid()}")
-
-
-def parse_runs_per_gpu(raw: int | str) -> int:
-    """K as given in `$RESNET_REPRO_RUNS_PER_GPU`; ConfigError naming the variable unless a positive integer."""
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ConfigError(f"{RUNS_PER_GPU_ENV}={raw!r} is not valid: a positive integer (runs at once per GPU)")
-    return value
-
-
-def runs_per_gpu_from_env() -> int:
-    """K from `$RESNET_REPRO_RUNS_PER_GPU` (default 1)."""
-    return parse_runs_per_gpu(os.environ.get(RUNS_PER_GPU_ENV, "1"))
 
 
 def _slot_path(slot_dir: Path, key: str, slot: int) -> Path:

@@ -29,9 +29,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from resnet_repro.checkpoint import atomic_write_json
-from resnet_repro.gpu_slots import parse_runs_per_gpu
 from resnet_repro.run_files import FAILED_NAME, METRICS_NAME, PLAN_JSON, SUMMARY_JSON, SUMMARY_LOG
 from resnet_repro.run_lock import holder
+from resnet_repro.runs_per_gpu import parse_runs_per_gpu, runs_per_gpu_for_launcher
 from resnet_repro.tracking import now_iso
 
 STATUSES = ("finished", "skipped", "failed", "incomplete")
@@ -39,12 +39,13 @@ EXIT_SWEEP_FAILED = 4  # failed or incomplete runs at the end (train.py: 1 faile
 
 
 def local_jobs(runs_per_gpu: int | str = 1) -> int:
-    """Concurrent jobs for the local launcher: visible GPUs x `runs_per_gpu`, or 1 on a machine without a GPU."""
+    """Concurrent jobs for the local launcher: visible GPUs x `runs_per_gpu` (a number, or `auto`: measured once per
+    kind of GPU, runs_per_gpu.py), or 1 on a machine without a GPU."""
     import torch
 
-    k = parse_runs_per_gpu(runs_per_gpu)
+    parse_runs_per_gpu(runs_per_gpu)  # a bad value is an error on a machine without a GPU too
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return gpus * k if gpus else 1
+    return gpus * runs_per_gpu_for_launcher(runs_per_gpu) if gpus else 1
 
 
 @dataclass

@@ -37,12 +37,13 @@ from resnet_repro.config import (
 from resnet_repro.data import DeviceData, load_cifar10, load_npz, split_validation
 from resnet_repro.engine import DistInfo, LoopOptions, Preempted, fit, write_metrics
 from resnet_repro.errors import ConfigError
-from resnet_repro.gpu_slots import acquire_gpu_slot, cuda_gpu_keys, runs_per_gpu_from_env
+from resnet_repro.gpu_slots import acquire_gpu_slot, cuda_gpu_keys
 from resnet_repro.models import build_model, count_parameters
 from resnet_repro.models.ghost_bn import use_ghost_batch_norm
 from resnet_repro.optim import Schedule, Warmup, make_sgd
 from resnet_repro.run_files import FAILED_NAME, METRICS_NAME
 from resnet_repro.run_lock import RunDirectoryBusy, hold_run_directory, holder
+from resnet_repro.runs_per_gpu import runs_per_gpu_for_job
 from resnet_repro.sweep import local_jobs
 from resnet_repro.tracking import environment_info, now_iso
 
@@ -99,8 +100,8 @@ def job_device(requested: Device, dist_info: DistInfo, sweeping: bool) -> Iterat
     """The device for this process while it trains.
 
     CPU when asked or without CUDA; torchrun's LOCAL_RANK for DDP; in a sweep, a slot of the least-busy GPU
-    (at most `$RESNET_REPRO_RUNS_PER_GPU` runs per GPU, see gpu_slots.py), held until the run ends; else the
-    current CUDA device.
+    (at most `$RESNET_REPRO_RUNS_PER_GPU` runs per GPU, see gpu_slots.py and runs_per_gpu.py), held until the run
+    ends; else the current CUDA device.
     """
     if requested is Device.cpu or not torch.cuda.is_available():
         yield torch.device("cpu")
@@ -109,7 +110,7 @@ def job_device(requested: Device, dist_info: DistInfo, sweeping: bool) -> Iterat
     elif not sweeping:
         yield torch.device("cuda", torch.cuda.current_device())
     else:
-        slot = acquire_gpu_slot(cuda_gpu_keys(), runs_per_gpu_from_env())
+        slot = acquire_gpu_slot(cuda_gpu_keys(), runs_per_gpu_for_job())
         try:
             yield torch.device("cuda", slot.index)
         finally:

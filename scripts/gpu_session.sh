@@ -17,7 +17,7 @@
 #    K runs per GPU (aggregate img/s, K = 1,2,4,8), then the CUDA correctness gates and the runner learning on
 #    CUDA, eager, compiled and graphed (pytest -m gpu).
 # B: the compiled rows ((4), (5)) for ResNet-20 and ResNet-110, `make reproduce PROFILE=quick` on the sample
-#    through the local launcher (4 runs per GPU), then one full 64k-iteration ResNet-20 on CIFAR-10
+#    through the local launcher (K runs per GPU, measured by RESNET_REPRO_RUNS_PER_GPU=auto), then one full 64k-iteration ResNet-20 on CIFAR-10
 #    (JPEG re-encoded) through the real runner (graphed; the eager runner resumes it if that fails). A run cut off
 #    by its limit comes back with its checkpoint; it resumes in a later call that carries it back (e.g. extract it
 #    into runs/gpu, carry [".device", "runs/gpu"], RUNS_DIR=runs/gpu).
@@ -121,8 +121,10 @@ B)
   bench "$arch_a-compiled" 100 --arches "$arch_a" "${compiled[@]}"
   bench "$arch_b-compiled" 130 --arches "$arch_b" "${compiled[@]}"
   # the product end to end on CUDA: make reproduce's quick profile (4 runs on the sample, a sweep through the
-  # local launcher with 4 runs sharing the GPU by slots, Figure 7 responses, plots)
-  step reproduce-quick 120 env RESNET_REPRO_RUNS_PER_GPU=4 "RESNET_REPRO_SLOT_DIR=$WORK/slots" "$PY" -m \
+  # local launcher with K runs sharing the GPU by slots, K measured first by `auto` and cached under $WORK/cache,
+  # Figure 7 responses, plots)
+  step reproduce-quick 180 env RESNET_REPRO_RUNS_PER_GPU=auto "RESNET_REPRO_CACHE_DIR=$WORK/cache" \
+    "RESNET_REPRO_SLOT_DIR=$WORK/slots" "$PY" -m \
     resnet_repro.reproduce --profile quick --data "$sample" --label "CIFAR-10 sample (GPU smoke)" --launcher local \
     --runs-dir "$WORK/runs-quick" --results-dir "$WORK/results" "${quick_len[@]}"
   if [ "$QUICK" != 1 ]; then

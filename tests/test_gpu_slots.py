@@ -15,8 +15,8 @@ import pytest
 from resnet_repro import gpu_slots
 from resnet_repro.config import Device
 from resnet_repro.engine import DistInfo
-from resnet_repro.errors import ConfigError
-from resnet_repro.gpu_slots import acquire_gpu_slot, parse_runs_per_gpu
+from resnet_repro.gpu_slots import acquire_gpu_slot
+from resnet_repro.runs_per_gpu import RUNS_PER_GPU_ENV
 from resnet_repro.train import job_device
 
 GPUS = ["GPU-aaaa", "GPU-bbbb"]
@@ -74,16 +74,6 @@ def test_slots_of_one_gpu_are_shared_across_processes_by_uuid(tmp_path: Path) ->
     mine.release()
 
 
-@pytest.mark.parametrize("raw", ["0", "-1", "two", ""])
-def test_runs_per_gpu_must_be_a_positive_integer(raw: str) -> None:
-    with pytest.raises(ConfigError, match=r"RESNET_REPRO_RUNS_PER_GPU=.*positive integer"):
-        parse_runs_per_gpu(raw)
-
-
-def test_runs_per_gpu_accepts_integers() -> None:
-    assert parse_runs_per_gpu("4") == 4 and parse_runs_per_gpu(2) == 2
-
-
 def test_cpu_jobs_take_no_slot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(gpu_slots.SLOT_DIR_ENV, str(tmp_path / "slots"))
     with job_device(Device.cpu, DistInfo(), sweeping=True) as device:
@@ -95,7 +85,7 @@ def test_a_sweep_job_trains_on_the_free_gpu_and_frees_it_after(tmp_path: Path, m
     import resnet_repro.train as train_module
 
     monkeypatch.setenv(gpu_slots.SLOT_DIR_ENV, str(tmp_path))
-    monkeypatch.setenv(gpu_slots.RUNS_PER_GPU_ENV, "1")
+    monkeypatch.setenv(RUNS_PER_GPU_ENV, "1")
     monkeypatch.setattr(train_module.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(train_module, "cuda_gpu_keys", lambda: list(GPUS))
     emptied: list[bool] = []

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from resnet_repro.bench.concurrency import measure_concurrency, worker_main
+from resnet_repro.bench.concurrency import KSettings, measure_concurrency, worker_main
 from resnet_repro.bench.helpers import random_cifar, slug
 from resnet_repro.bench.measure import Row, measure_arch, measure_checkpoint, profile_runner
 from resnet_repro.bench.report import assemble_report, combine_reports, write_report
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                     arch,
                     depth,
                     ks,
-                    args,
+                    KSettings.from_args(args),
                     device,
                     args.k_config,
                     Path(tmp),

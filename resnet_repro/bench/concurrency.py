@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,24 @@ from resnet_repro.bench.variants import OURS_CUDNN_BENCHMARK, arch_name, plan_va
 from resnet_repro.data import DeviceData
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KSettings:
+    """How each of the K processes trains: iterations, batch, random images, warm-up, CPU threads (0 = cores // K)
+    and how long to wait for a worker's answer."""
+
+    iters: int
+    batch_size: int = 128
+    num_images: int = 10_000
+    warmup: int = 20
+    threads: int = 0
+    timeout_s: float = 900.0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> KSettings:
+        """The K-sweep settings of `make bench`'s command line (bench/cli.py)."""
+        return cls(args.k_iters, args.batch_size, args.k_num_images, args.warmup, args.threads, args.k_timeout)
 
 
 def worker_main(spec: dict[str, Any]) -> None:
@@ -61,7 +80,7 @@ def measure_concurrency(
     arch: str,
     depth: int,
     ks: list[int],
-    args: argparse.Namespace,
+    settings: KSettings,
     device: torch.device,
     config: str,
     log_dir: Path,
@@ -72,7 +91,7 @@ def measure_concurrency(
     results = []
     cores = os.cpu_count() or 1
     for k in ks:
-        threads = (args.threads or max(1, cores // k)) if device.type == "cpu" else 1
+        threads = (settings.threads or max(1, cores // k)) if device.type == "cpu" else 1
         procs, queues, logs = [], [], []
         for j in range(k):
             spec = {
@@ -80,10 +99,10 @@ def measure_concurrency(
                 "arch": arch,
                 "depth": depth,
                 "config": config,
-                "iters": args.k_iters,
-                "batch_size": args.batch_size,
-                "num_images": args.k_num_images,
-                "warmup": args.warmup,
+                "iters": settings.iters,
+                "batch_size": settings.batch_size,
+                "num_images": settings.num_images,
+                "warmup": settings.warmup,
                 "seed": j,
                 "threads": threads,
             }
@@ -107,12 +126,12 @@ def measure_concurrency(
             "config": config,
             "k": k,
             "threads_per_process": threads,
-            "iters_per_process": args.k_iters,
-            "batch_size": args.batch_size,
+            "iters_per_process": settings.iters,
+            "batch_size": settings.batch_size,
         }
         try:
             for q in queues:
-                line = q.get(timeout=args.k_timeout)
+                line = q.get(timeout=settings.timeout_s)
                 if line != "READY":
                     raise RuntimeError(f"worker did not get ready (said {line!r})")
             for proc in procs:
@@ -120,7 +139,7 @@ def measure_concurrency(
                 proc.stdin.flush()  # type: ignore[union-attr]
             outs = []
             for q in queues:
-                line = q.get(timeout=args.k_timeout)
+                line = q.get(timeout=settings.timeout_s)
                 if not line or not line.startswith("{"):
                     raise RuntimeError(f"worker failed (said {line!r})")
                 outs.append(json.loads(line))
@@ -169,7 +188,7 @@ def recommend_k(results: list[dict[str, Any]], device: torch.device) -> dict[str
     if device.type != "cuda":
         return {
             "k": None,
-            "why": "not chosen: measured on CPU; the default K must be chosen from a GPU run of make bench",
+            "why": "not chosen: measured on CPU; on a GPU, RESNET_REPRO_RUNS_PER_GPU=auto measures it",
         }
     per_arch: dict[str, int] = {}
     for arch in sorted({r["arch"] for r in results}):
@@ -186,7 +205,9 @@ def recommend_k(results: list[dict[str, Any]], device: torch.device) -> dict[str
 
 
 HOW_TO_SET_K = (
-    "Sweeps run K training processes per GPU through Hydra's joblib launcher: set RESNET_REPRO_RUNS_PER_GPU=K "
-    "(configs/hydra/launcher/local.yaml makes n_jobs = GPUs x K); each job holds a slot of the least-busy GPU "
-    "until its run ends (resnet_repro/gpu_slots.py), never more than K per GPU."
+    "Sweeps run K training processes per GPU through Hydra's joblib launcher (configs/hydra/launcher/local.yaml "
+    "makes n_jobs = GPUs x K); each job holds a slot of the least-busy GPU until its run ends "
+    "(resnet_repro/gpu_slots.py), never more than K per GPU. K = RESNET_REPRO_RUNS_PER_GPU: a number, or auto "
+    "(the default), which makes this measurement for ResNet-56 once per kind of GPU, applies the rule above and "
+    "caches the decision (resnet_repro/runs_per_gpu.py)."
 )
