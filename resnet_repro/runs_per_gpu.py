@@ -129,8 +129,8 @@ def decided_runs_per_gpu(
         entries = _read(path)
         if name in entries and not again:
             entry = entries[name]
-            log.info("%s: %d runs per GPU, measured %s (cached in %s)", RUNS_PER_GPU_ENV, entry["k"], entry["date"],
-                     path)  # fmt: skip
+            log.info("%s=auto: %d runs per GPU, measured %s (cached in %s)", RUNS_PER_GPU_ENV, entry["k"],
+                     entry["date"], path)  # fmt: skip
             return int(entry["k"])
         log.info("%s=auto: measuring K = %s on GPU 0 (%s), once for this GPU", RUNS_PER_GPU_ENV, CANDIDATE_KS, name)
         entry = _measured_entry(measure)
