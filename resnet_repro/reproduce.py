@@ -372,6 +372,10 @@ def run_all(
                 file=sys.stderr,
             )
             return 2
+    if args.launcher == "local":
+        from resnet_repro.runs_per_gpu import decide_for_local_sweeps
+
+        decide_for_local_sweeps()
     together = args.launcher in CONCURRENT_LAUNCHERS and not args.sequential and len(experiments) > 1
     # together: the longest experiment (last in PROFILES) starts first, so its long runs take GPUs first
     for batch in [experiments[::-1]] if together else [[s] for s in experiments]:

@@ -9,9 +9,10 @@ CUDA and the workload, so each kind of machine measures once (about a minute); d
 `python -m resnet_repro.runs_per_gpu --again`, to measure again. A measurement that yields no K falls back to 1
 and is not cached.
 
-The launcher's process decides (sweep.local_jobs, the resolver behind `n_jobs`) and exports the number it chose, so
-the jobs it starts hold at most that many slots per GPU (gpu_slots.py). A job that finds `auto` itself (another
-launcher) reads the cache, measuring only if the cache has no entry.
+The launcher's process decides (sweep.local_jobs, the resolver behind `n_jobs`; `make reproduce LAUNCHER=local`
+decides once before its launchers start) and exports the number it chose, so the jobs it starts hold at most that
+many slots per GPU (gpu_slots.py). A job never measures: one that finds `auto` itself (another launcher, or
+`hydra.launcher.n_jobs=N` given directly) takes the cached K, or 1.
 """
 
 from __future__ import annotations
@@ -66,20 +67,41 @@ def parse_runs_per_gpu(raw: int | str) -> int | str:
 
 
 def runs_per_gpu_for_job() -> int:
-    """K for a sweep job's slot (gpu_slots.py): `$RESNET_REPRO_RUNS_PER_GPU` (default 1), `auto` as decided."""
+    """K for a sweep job's slot (gpu_slots.py): `$RESNET_REPRO_RUNS_PER_GPU` (default 1). A job never measures:
+    `auto` here (a launcher that did not decide it) is the cached K, or 1 without one."""
     requested = parse_runs_per_gpu(os.environ.get(RUNS_PER_GPU_ENV, "1"))
-    return decided_runs_per_gpu() if requested == AUTO else int(requested)
+    if requested != AUTO:
+        return int(requested)
+    try:
+        return decided_runs_per_gpu(measure=None)
+    except Exception as exc:  # noqa: BLE001 - a job trains with one slot rather than fail over its cache
+        log.warning("%s=auto: no cached K (%s); 1 run per GPU", RUNS_PER_GPU_ENV, exc)
+        return 1
 
 
 def runs_per_gpu_for_launcher(raw: int | str) -> int:
-    """K for a local launcher on a machine with a GPU; `auto` is decided here and exported to
-    `$RESNET_REPRO_RUNS_PER_GPU`, so that the jobs this process starts take the same K."""
+    """K for a local launcher on a machine with a GPU; `auto` is decided here (a failure of any kind gives 1, with a
+    warning) and exported to `$RESNET_REPRO_RUNS_PER_GPU`, so that the jobs this process starts, and the launchers
+    `make reproduce` starts after it, take the same K without measuring again."""
     requested = parse_runs_per_gpu(raw)
     if requested != AUTO:
         return int(requested)
-    k = decided_runs_per_gpu()
+    try:
+        k = decided_runs_per_gpu()
+    except Exception as exc:  # noqa: BLE001 - e.g. an unwritable cache folder: the sweep runs with K = 1
+        log.warning("%s=auto: K could not be decided (%s: %s); 1 run per GPU", RUNS_PER_GPU_ENV, type(exc).__name__,
+                    exc)  # fmt: skip
+        k = 1
     os.environ[RUNS_PER_GPU_ENV] = str(k)
     return k
+
+
+def decide_for_local_sweeps() -> None:
+    """For `make reproduce LAUNCHER=local`: decide K once, before the experiments' launchers start (a few seconds
+    apart), so that none of them measures while another one's runs train, and a failed measurement is not retried
+    by each; they inherit the number. Nothing happens without a GPU."""
+    if torch.cuda.is_available():
+        runs_per_gpu_for_launcher(os.environ.get(RUNS_PER_GPU_ENV, AUTO))
 
 
 def cache_path() -> Path:
@@ -116,23 +138,29 @@ def measure_throughputs(device: torch.device | None = None) -> list[dict[str, An
 
 def decided_runs_per_gpu(
     path: Path | None = None,
-    key: Callable[[], str] = calibration_key,
-    measure: Measure = measure_throughputs,
+    key: Callable[[], str] | None = None,
+    measure: Measure | None = measure_throughputs,
     again: bool = False,
 ) -> int:
-    """The cached K for this GPU; measured (and cached) when there is none or `again`. Concurrent callers wait for
-    one measurement (a lock beside the cache), since measurements at the same time would disturb each other."""
+    """The cached K for this GPU (`key`, default calibration_key); measured (and cached) when there is none or
+    `again`, or 1 when `measure` is None.
+    Concurrent callers wait for one measurement (a lock beside the cache), since measurements at the same time
+    would disturb each other."""
     path = path or cache_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    name = key()
+    name = (key or calibration_key)()
     with _exclusive(path.with_name(path.name + ".lock")):
         entries = _read(path)
-        if name in entries and not again:
-            entry = entries[name]
+        entry = entries.get(name)
+        if _valid(entry) and not again:
             log.info("%s=auto: %d runs per GPU, measured %s (cached in %s)", RUNS_PER_GPU_ENV, entry["k"],
                      entry["date"], path)  # fmt: skip
             return int(entry["k"])
-        log.info("%s=auto: measuring K = %s on GPU 0 (%s), once for this GPU", RUNS_PER_GPU_ENV, CANDIDATE_KS, name)
+        if measure is None:
+            log.info("%s=auto: no K cached for %s in %s; 1 run per GPU", RUNS_PER_GPU_ENV, name, path)
+            return 1
+        ks = ", ".join(map(str, CANDIDATE_KS))
+        log.info("%s=auto: measuring K = %s on GPU 0 (%s), once for this GPU", RUNS_PER_GPU_ENV, ks, name)
         entry = _measured_entry(measure)
         if entry["k"] is None:
             log.warning("%s=auto: no K measured (%s); training 1 run per GPU", RUNS_PER_GPU_ENV, entry["why"])
@@ -156,6 +184,11 @@ def _measured_entry(measure: Measure) -> dict[str, Any]:
     failed = [f"K={r['k']}: {r.get('note', '')}" for r in rows if r.get("status") != "ok"]
     why = recommendation["why"] if recommendation["k"] else "every K failed: " + "; ".join(failed)
     return {"k": recommendation["k"], "why": why, "measured": rows, "date": now_iso()}
+
+
+def _valid(entry: Any) -> bool:
+    """A cache entry this module wrote: a dict with a positive integer K and a date."""
+    return isinstance(entry, dict) and isinstance(entry.get("k"), int) and entry["k"] >= 1 and "date" in entry
 
 
 def _throughputs(rows: list[dict[str, Any]]) -> str:
@@ -186,7 +219,8 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m resnet_repro.runs_per_gpu [--again]`: print the K that `auto` gives on this machine."""
+    """`python -m resnet_repro.runs_per_gpu [--again]`: print the K that `auto` gives on this machine (measured
+    first when none is cached, or with --again)."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--again", action="store_true", help="measure again, even if the cache has an entry")
     args = parser.parse_args(argv)

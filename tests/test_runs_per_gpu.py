@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -121,8 +122,59 @@ def test_the_launcher_exports_its_k_so_its_jobs_take_as_many_slots(monkeypatch: 
     assert runs_per_gpu_for_job() == 4  # what the launcher's jobs inherit
     monkeypatch.setenv(RUNS_PER_GPU_ENV, "3")
     assert runs_per_gpu_for_launcher("3") == 3 and runs_per_gpu_for_job() == 3
+
+
+def test_a_job_never_measures_it_takes_the_cached_k_or_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job that finds `auto` (another launcher, or hydra.launcher.n_jobs given directly) only reads the cache."""
+    monkeypatch.setenv(runs_per_gpu.CACHE_DIR_ENV, str(tmp_path))
     monkeypatch.setenv(RUNS_PER_GPU_ENV, "auto")
-    assert runs_per_gpu_for_job() == 4  # a job of another launcher asks the cache
+    monkeypatch.setattr(runs_per_gpu, "calibration_key", lambda: GPU)
+    with caplog.at_level("INFO", logger="resnet_repro.runs_per_gpu"):
+        assert runs_per_gpu_for_job() == 1
+    assert "no K cached" in caplog.text and "measuring" not in caplog.text
+    assert not (tmp_path / "runs_per_gpu.json").exists()
+    decided_runs_per_gpu(tmp_path / "runs_per_gpu.json", measure=CountingMeasure(rows(1.0, 3.0, 3.0, 3.0)))
+    assert runs_per_gpu_for_job() == 2  # what the launcher measured and cached
+    monkeypatch.setattr(runs_per_gpu, "calibration_key", lambda: 1 / 0)  # e.g. CUDA fails in the job
+    assert runs_per_gpu_for_job() == 1
+
+
+def test_a_cache_that_cannot_be_written_gives_one_run_per_gpu_not_a_failed_sweep(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv(runs_per_gpu.CACHE_DIR_ENV, str(blocker / "cache"))  # its parent is a file
+    monkeypatch.setattr(runs_per_gpu, "calibration_key", lambda: GPU)
+    monkeypatch.delenv(RUNS_PER_GPU_ENV, raising=False)
+    assert runs_per_gpu_for_launcher("auto") == 1
+    assert runs_per_gpu_for_job() == 1  # exported: the jobs do not try again
+
+
+@pytest.mark.parametrize("entry", [{"k": 2}, "x", {"k": 0, "date": "d"}, {"k": "4", "date": "d"}])
+def test_a_malformed_cache_entry_is_measured_again(tmp_path: Path, entry: object) -> None:
+    cache = tmp_path / "runs_per_gpu.json"
+    cache.write_text(json.dumps({GPU: entry}))
+    measure = CountingMeasure(rows(1.0, 3.0, 3.0, 3.0))
+    assert decided_runs_per_gpu(cache, key=lambda: GPU, measure=measure) == 2 and measure.calls == 1
+
+
+def test_reproduce_decides_k_once_before_its_launchers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make reproduce LAUNCHER=local` starts several launchers: they inherit one decision instead of each
+    measuring (or failing) in turn while the first one's runs train."""
+    calls: list[int] = []
+    monkeypatch.delenv(RUNS_PER_GPU_ENV, raising=False)
+    monkeypatch.setattr(runs_per_gpu, "decided_runs_per_gpu", lambda: calls.append(1) or 4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    runs_per_gpu.decide_for_local_sweeps()
+    assert calls == [] and RUNS_PER_GPU_ENV not in os.environ  # nothing without a GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    runs_per_gpu.decide_for_local_sweeps()
+    assert os.environ[RUNS_PER_GPU_ENV] == "4"
+    assert sweep.local_jobs(os.environ[RUNS_PER_GPU_ENV]) == 4 and calls == [1]  # a launcher started after it
 
 
 def test_auto_measures_nothing_without_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
