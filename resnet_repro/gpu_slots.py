@@ -72,9 +72,9 @@ def _try_lock(path: Path) -> IO[bytes] | None:
 
 
 @contextlib.contextmanager
-def _chooser(slot_dir: Path) -> Iterator[None]:
-    """Serialise slot choice among all jobs of the machine (held for a few file operations only)."""
-    with open(slot_dir / CHOOSER_NAME, "ab") as handle:
+def exclusive_lock(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive `flock` on `lock_path` (created if missing) for the `with` block, waiting for it."""
+    with open(lock_path, "ab") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -84,7 +84,7 @@ def _chooser(slot_dir: Path) -> Iterator[None]:
 
 def _try_acquire(gpu_keys: Sequence[str], runs_per_gpu: int, slot_dir: Path) -> GpuSlot | None:
     """One pass under the chooser lock: a free slot of the GPU with the fewest held slots, or None."""
-    with _chooser(slot_dir):
+    with exclusive_lock(slot_dir / CHOOSER_NAME):  # slot choice, serialised among all jobs of the machine
         free: dict[int, list[tuple[int, IO[bytes]]]] = {}
         for index, key in enumerate(gpu_keys):
             free[index] = []

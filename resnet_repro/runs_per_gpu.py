@@ -1,9 +1,9 @@
 """K, the runs a local sweep trains at once on each GPU: a number, or `auto`, measured on this kind of GPU once.
 
 `$RESNET_REPRO_RUNS_PER_GPU` sets it; configs/hydra/launcher/local.yaml defaults to `auto`. `auto` times
-K = 1, 2, 4, 8 processes training ResNet-56 with train.py's CUDA step at once on GPU 0 (the measurement of
-`make bench`'s K table, resnet_repro/bench/concurrency.py) and takes the smallest K whose aggregate img/s is
-within 10 % of the best (`recommend_k`). The decision and its measurement are cached in
+K = 1, 2, 4, 8 processes training ResNet-56 with train.py's CUDA step at once on GPU 0 (the code of
+`make bench`'s K table, resnet_repro/bench/concurrency.py, 200 iterations per process) and takes the smallest K
+whose aggregate img/s is within 10 % of the best (`recommend_k`). The decision and its measurement are cached in
 `$RESNET_REPRO_CACHE_DIR/runs_per_gpu.json` (default ~/.cache/resnet_repro), keyed by the GPU's name, torch,
 CUDA and the workload, so each kind of machine measures once (about a minute); delete the entry, or run
 `python -m resnet_repro.runs_per_gpu --again`, to measure again. A measurement that yields no K falls back to 1
@@ -18,14 +18,12 @@ many slots per GPU (gpu_slots.py). A job never measures: one that finds `auto` i
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import logging
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ import torch
 from resnet_repro.bench.concurrency import KSettings, measure_concurrency, recommend_k
 from resnet_repro.checkpoint import atomic_write_json
 from resnet_repro.errors import ConfigError
+from resnet_repro.gpu_slots import exclusive_lock
 from resnet_repro.tracking import now_iso
 
 log = logging.getLogger(__name__)
@@ -149,7 +148,7 @@ def decided_runs_per_gpu(
     path = path or cache_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     name = (key or calibration_key)()
-    with _exclusive(path.with_name(path.name + ".lock")):
+    with exclusive_lock(path.with_name(path.name + ".lock")):
         entries = _read(path)
         entry = entries.get(name)
         if _valid(entry) and not again:
@@ -206,16 +205,6 @@ def _read(path: Path) -> dict[str, Any]:
         log.warning("%s is unreadable (%s): measuring again", path, exc)
         return {}
     return entries if isinstance(entries, dict) else {}
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    with open(lock_path, "ab") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def main(argv: list[str] | None = None) -> int:
