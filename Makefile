@@ -39,7 +39,7 @@ lint: $(STAMP) ## ruff lint
 	$(VENV)/bin/ruff check .
 
 smoke: $(STAMP) ## one tiny ResNet-20 run on the CIFAR-10 sample (CPU, about a minute; trains afresh each time)
-	rm -rf runs/smoke
+	rm -rf runs/cifar10-sample/smoke
 	$(PY) -m resnet_repro.train experiment=smoke data=npz data.path=$(SAMPLE)
 
 download: $(STAMP) ## download CIFAR-10 into ./data with torchvision
@@ -48,7 +48,7 @@ download: $(STAMP) ## download CIFAR-10 into ./data with torchvision
 reproduce: $(STAMP) ## download -> every experiment -> plots (PROFILE=quick DATA=file.npz for the CPU version)
 	$(PY) -m resnet_repro.reproduce --profile $(PROFILE) $(if $(DATA),--data $(DATA)) $(if $(LABEL),--label "$(LABEL)") $(if $(LAUNCHER),--launcher $(LAUNCHER)) $(OVERRIDES)
 
-plot: $(STAMP) ## redraw Figure 6/7 and Table 6 from finished runs (RUNS=runs/<experiment> OUT=results/<dir>)
+plot: $(STAMP) ## redraw Figure 6/7 and Table 6 from finished runs (RUNS=runs/<data>/<experiment> OUT=results/<dir>)
 	$(PY) -m resnet_repro.plot $(or $(RUNS),runs) --out $(or $(OUT),results/latest)
 
 bench: $(STAMP) ## throughput benchmark: typical reproduction vs our runner, side by side -> results/bench/

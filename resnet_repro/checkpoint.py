@@ -170,8 +170,13 @@ def _load_error_reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {text[:200]}"
 
 
-def load_checkpoint(path: Path, fingerprint: str, model: torch.nn.Module) -> dict[str, Any]:
-    """Load and check a checkpoint for this run; any problem raises ConfigError naming the file and the fix."""
+def load_checkpoint(
+    path: Path, fingerprint: str, model: torch.nn.Module, identity: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Load and check a checkpoint for this run; any problem raises ConfigError naming the file and the fix.
+
+    `identity` (e.g. {"data_sha256": ..., "precision": "bf16"}) is what the run computes on and with, beyond its
+    config: a checkpoint written on other data or in other arithmetic is refused, naming the key that differs."""
     fix = f"to start this run over, delete {path} (or the whole run directory {path.parent.parent})"
     size = path.stat().st_size
     if size == 0:
@@ -186,6 +191,13 @@ def load_checkpoint(path: Path, fingerprint: str, model: torch.nn.Module) -> dic
     missing = [key for key in REQUIRED_KEYS if key not in state]
     if missing:
         raise ConfigError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); {fix}")
+    saved_identity = state.get("identity", {})
+    for key, value in (identity or {}).items():
+        if saved_identity.get(key) != value:
+            raise ConfigError(
+                f"checkpoint {path} was written with {key}={saved_identity.get(key, 'unrecorded')!r}, this run has "
+                f"{key}={value!r} (other data or other numerics would mix two runs in one); {fix}"
+            )
     if state.get("config_fingerprint") != fingerprint:
         raise ConfigError(
             f"checkpoint {path} was written by a different configuration (config hash "

@@ -126,7 +126,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0  # seeds init, data order and augmentation; results are mean+-std over seeds
-    experiment: str = "default"  # name of the experiment; runs go to runs/<experiment>/<overrides>
+    experiment: str = "default"  # name of the experiment; runs go to runs/<data>/<experiment>/<overrides>
     runs_dir: str = "runs"  # root of all run directories
     responses: bool = True  # compute Figure-7 layer-response std at the end (plain/resnet only)
     fail_at_iter: int | None = None  # fault injection for tests of sweep safety: raise at this iteration

@@ -13,6 +13,7 @@ therefore needs no RNG state.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,14 @@ class ImageArrays:
     x_test: torch.Tensor
     y_test: torch.Tensor
     label: str
+
+    def sha256(self) -> str:
+        """sha256 of the four arrays' bytes: the data's identity, whatever file or download it came from."""
+        h = hashlib.sha256()
+        for t in (self.x_train, self.y_train, self.x_test, self.y_test):
+            h.update(f"{t.dtype}:{tuple(t.shape)}:".encode())
+            h.update(t.contiguous().numpy().tobytes())
+        return h.hexdigest()
 
 
 def load_cifar10(root: str | Path, download: bool = True) -> ImageArrays:

@@ -37,12 +37,13 @@ from resnet_repro.step import (
     EagerIteration,
     GraphedIteration,
     TrainStep,
-    autocast_context,
     match_parameter_layouts,
 )
 from resnet_repro.tracking import Progress, ScalarLog, now_iso
 
 log = logging.getLogger(__name__)
+
+EVAL_PRECISION = "fp32"  # test/val errors and Figure-7 responses: always fp32 (metrics.json says so)
 
 
 class NonFiniteError(RuntimeError):
@@ -90,17 +91,16 @@ class DistInfo:
 
 
 @torch.no_grad()
-def evaluate(
-    model: torch.nn.Module, data: DeviceData, split: str, batch_size: int, precision: str
-) -> tuple[float, float]:
-    """(error %, mean loss) of `model` in eval mode over the whole `split` ('test' or 'val')."""
+def evaluate(model: torch.nn.Module, data: DeviceData, split: str, batch_size: int) -> tuple[float, float]:
+    """(error %, mean loss) of `model` in eval mode over the whole `split` ('test' or 'val'), in fp32 whatever the
+    training precision (EVAL_PRECISION): a reported error must not depend on the arithmetic a run trained in."""
     was_training = model.training
     model.eval()
     wrong = torch.zeros((), device=data.device, dtype=torch.float64)
     loss_sum = torch.zeros((), device=data.device, dtype=torch.float64)
     count = 0
     for images, labels in data.eval_batches(split, batch_size):
-        with autocast_context(data.device, precision):
+        with torch.autocast(data.device.type, enabled=False):
             logits = model(images).float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum")
         wrong += (logits.argmax(dim=1) != labels).sum()
@@ -182,12 +182,15 @@ def fit(
     fingerprint: str,
     run_info: dict[str, Any],
     dist_info: DistInfo | None = None,
+    identity: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Train to `options.max_iter`, resuming from run_dir/checkpoints/last.pt if present; return metrics.
 
     `model` may be wrapped (DDP, torch.compile). `run_info` (arch, depth, config, versions, ...) is copied into
-    metrics.json, which rank 0 writes last and atomically.
+    metrics.json, which rank 0 writes last and atomically. `fingerprint` (the config's) and `identity` (the data's
+    hash, the training precision) are stored in every checkpoint; a resume must match both.
     """
+    identity = identity or {}
     dist_info = dist_info or DistInfo()
     device = data.device
     plain_model = unwrap(model)
@@ -196,7 +199,7 @@ def fit(
     step = TrainStep(model, optimizer, options.precision, device)
     saved: dict[str, Any] = {}
     if ckpt_path.exists():
-        saved = load_checkpoint(ckpt_path, fingerprint, plain_model)
+        saved = load_checkpoint(ckpt_path, fingerprint, plain_model, identity)
         plain_model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         match_parameter_layouts(optimizer)
@@ -230,6 +233,7 @@ def fit(
                 ckpt_path,
                 {
                     "config_fingerprint": fingerprint,
+                    "identity": identity,
                     "model": plain_model.state_dict(),
                     "optimizer": run_iteration.optimizer_state(),
                     "scaler": step.scaler.state_dict() if step.scaler is not None else {},
@@ -341,11 +345,11 @@ def _check_finite(acc: Accumulators, device: torch.device, dist_info: DistInfo, 
 
 def _evaluate_all(model, data: DeviceData, options: LoopOptions, state: RunState, scalars: ScalarLog) -> None:
     eval_model = unwrap(model)
-    test_err, test_loss = evaluate(eval_model, data, "test", options.eval_batch_size, options.precision)
+    test_err, test_loss = evaluate(eval_model, data, "test", options.eval_batch_size)
     state.last.update({"test/err": test_err, "test/loss": test_loss})
     logged = {"test/err": test_err, "test/loss": test_loss}
     if data.x_val is not None:
-        val_err, val_loss = evaluate(eval_model, data, "val", options.eval_batch_size, options.precision)
+        val_err, val_loss = evaluate(eval_model, data, "val", options.eval_batch_size)
         logged.update({"val/err": val_err, "val/loss": val_loss})
         state.last.update({"val/err": val_err, "val/loss": val_loss})
         if state.best_val_err is None or val_err < state.best_val_err:
@@ -372,6 +376,7 @@ def _final_metrics(model, data: DeviceData, options: LoopOptions, state: RunStat
         "status": "finished",
         "iterations": state.iteration,
         "max_iter": options.max_iter,
+        "eval_precision": EVAL_PRECISION,
         "final_test_err": last.get("test/err"),
         "final_test_loss": last.get("test/loss"),
         "final_train_err": last.get("train/err"),

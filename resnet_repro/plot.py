@@ -1,6 +1,6 @@
 """Draw the paper's Figure 6 and Figure 7 and write Table 6 and the verdict from finished run directories.
 
-python -m resnet_repro.plot runs/fig6_plain runs/fig6_resnet --out results/fig6 [--title-suffix "..."]
+python -m resnet_repro.plot runs/cifar-10/fig6_plain runs/cifar-10/fig6_resnet --out results/fig6 [--title-suffix "..."]
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from resnet_repro.results import unique_runs
-from resnet_repro.run_files import FAILED_NAME, METRICS_NAME, PLAN_JSON, SUMMARY_JSON
+from resnet_repro.run_files import FAILED_NAME, METRICS_NAME, PLAN_JSON, SUMMARY_JSON, data_dir_name
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -70,7 +70,7 @@ LAUNCHERS = ("basic", "local", "slurm", "submitit_local")
 PROFILE_DEVICE = {"paper": "cuda"}
 # Launchers whose sweeps run several jobs at once: with them the experiments are launched together (their jobs
 # share the GPUs through gpu_slots, or queue in Slurm), so no GPU idles while one experiment waits for its longest
-# run. Each experiment's output then goes to runs/<experiment>/reproduce.log.
+# run. Each experiment's output then goes to runs/<data>/<experiment>/reproduce.log.
 CONCURRENT_LAUNCHERS = ("local", "slurm")
 REPRODUCE_LOG = "reproduce.log"
 LAUNCH_STAGGER_S = 20.0  # between concurrent launches, longest experiment first: its runs take the slots first
@@ -92,12 +92,6 @@ class Step:
     run_dirs: list[str] = field(default_factory=list)
     runs: list[dict[str, Any]] = field(default_factory=list)  # the sweep summary's rows
     note: str = ""
-
-
-def slugify(text: str) -> str:
-    """Directory name for a data label: 'CIFAR-10 sample (5,085 train / 1,017 test)' -> 'cifar-10-sample-5085-...'."""
-    text = re.sub(r"(?<=\d),(?=\d)", "", text.lower())
-    return re.sub(r"[^a-z0-9]+", "-", text).strip("-") or "data"
 
 
 def hydra_quote(value: str) -> str:
@@ -164,8 +158,12 @@ def missing_gpu(args: argparse.Namespace) -> str | None:
 
 def results_dir(args: argparse.Namespace) -> Path:
     """results/<slug of the data label>/<profile>."""
-    label = args.label or (Path(args.data).stem if args.data else "CIFAR-10")
-    return Path(args.results_dir) / slugify(label) / args.profile
+    return Path(args.results_dir) / data_slug(args) / args.profile
+
+
+def data_slug(args: argparse.Namespace) -> str:
+    """The data's directory name, under runs/ as under results/."""
+    return data_dir_name("npz" if args.data else "cifar10", args.data, args.label)
 
 
 def read_sweep_file(path: Path, pid: int) -> dict[str, Any] | None:
@@ -309,7 +307,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--sequential",
         action="store_true",
         help="with --launcher local or slurm: run the experiments one after another, output on the console "
-        "(default: all at once, each experiment's output in runs/<experiment>/reproduce.log)",
+        "(default: all at once, each experiment's output in runs/<data>/<experiment>/reproduce.log)",
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every training command")
     return parser.parse_args(argv)
@@ -331,7 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         for step in steps:
             print(shlex.join(step.cmd))
-        sweep_dirs = dict.fromkeys(str(Path(args.runs_dir) / experiment_dir_name(e.name)) for e in experiments)
+        runs = Path(args.runs_dir) / data_slug(args)
+        sweep_dirs = dict.fromkeys(str(runs / experiment_dir_name(e.name)) for e in experiments)
         print(shlex.join(plot_cmd + ["<run dirs of the sweeps above>"] + plot_tail))
         print(
             f"# <run dirs of the sweeps above>: from {', '.join(f'{d}/{SUMMARY_JSON}' for d in sweep_dirs)}, "
@@ -379,7 +378,7 @@ def run_all(
     together = args.launcher in CONCURRENT_LAUNCHERS and not args.sequential and len(experiments) > 1
     # together: the longest experiment (last in PROFILES) starts first, so its long runs take GPUs first
     for batch in [experiments[::-1]] if together else [[s] for s in experiments]:
-        sweep_dirs = [Path(args.runs_dir) / experiment_dir_name(s.experiment) for s in batch]
+        sweep_dirs = [Path(args.runs_dir) / data_slug(args) / experiment_dir_name(s.experiment) for s in batch]
         logs = [d / REPRODUCE_LOG for d in sweep_dirs] if together else [None]
         pids = run_steps(batch, logs, LAUNCH_STAGGER_S if together else 0.0)
         for step, pid, sweep_dir in zip(batch, pids, sweep_dirs, strict=True):

@@ -41,7 +41,7 @@ from resnet_repro.gpu_slots import acquire_gpu_slot, cuda_gpu_keys
 from resnet_repro.models import build_model, count_parameters
 from resnet_repro.models.ghost_bn import use_ghost_batch_norm
 from resnet_repro.optim import Schedule, Warmup, make_sgd
-from resnet_repro.run_files import FAILED_NAME, METRICS_NAME
+from resnet_repro.run_files import FAILED_NAME, METRICS_NAME, data_dir_name
 from resnet_repro.run_lock import RunDirectoryBusy, hold_run_directory, holder
 from resnet_repro.runs_per_gpu import runs_per_gpu_for_job
 from resnet_repro.sweep import local_jobs
@@ -82,6 +82,7 @@ def run_log(output_dir: str) -> str:
 register_configs()
 for _name, _resolver in (
     ("run_name", run_name),
+    ("data_dir", data_dir_name),
     ("hydra_subdir", hydra_subdir),
     ("run_log", run_log),
     ("local_jobs", local_jobs),  # n_jobs of configs/hydra/launcher/local.yaml
@@ -165,9 +166,11 @@ def _train_on(cfg: TrainConfig, run_dir: Path, dist_info: DistInfo, device: torc
     arrays = load_data(cfg)
     train_arrays, val_arrays = split_validation(arrays, cfg.data.val_split, cfg.seed)
     data = DeviceData(train_arrays, val_arrays, device, cfg.data.normalize.value, cfg.data.augment, cfg.seed)
+    data_sha256 = arrays.sha256()
     log.info(
-        "data: %s | train %d, val %d, test %d",
+        "data: %s (sha256 %s) | train %d, val %d, test %d",
         arrays.label,
+        data_sha256[:12],
         data.n_train,
         0 if val_arrays is None else len(val_arrays.y_train),
         len(arrays.y_test),
@@ -210,6 +213,7 @@ def _train_on(cfg: TrainConfig, run_dir: Path, dist_info: DistInfo, device: torc
             "name": cfg.data.source.value,
             "path": cfg.data.path,
             "label": arrays.label,
+            "sha256": data_sha256,
             "n_train": data.n_train,
             "n_val": 0 if val_arrays is None else len(val_arrays.y_train),
             "n_test": len(arrays.y_test),
@@ -238,8 +242,18 @@ def _train_on(cfg: TrainConfig, run_dir: Path, dist_info: DistInfo, device: torc
         fail_at_iter=cfg.fail_at_iter,
         description=f"{cfg.model.arch}-{cfg.model.depth}",
     )
+    identity = {"data_sha256": data_sha256, "precision": precision.value}
     metrics = fit(
-        model, optimizer, schedule, data, run_dir, options, config_fingerprint(config_dict), run_info, dist_info
+        model,
+        optimizer,
+        schedule,
+        data,
+        run_dir,
+        options,
+        config_fingerprint(config_dict),
+        run_info,
+        dist_info,
+        identity,
     )
     if dist_info.is_main:
         write_metrics(run_dir, metrics)

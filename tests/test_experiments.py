@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 import resnet_repro.train  # noqa: F401 - registers the schema and the resolvers, as `python -m` does
 from resnet_repro import sweep
 from resnet_repro.results import NON_RECIPE_KEYS
+from resnet_repro.run_files import data_dir_name
 from resnet_repro.train import run_name
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -71,7 +72,8 @@ def _expand(loader, overrides: list[str]) -> list[tuple[sweep.PlannedRun, DictCo
     for run in sweep.planned_runs(master):
         job = loader.load_sweep_config(master, run.overrides)
         assert run.name == run_name(job.hydra.job.override_dirname)
-        assert run.dir == Path(master.runs_dir) / job.experiment / run.name
+        data = data_dir_name(job.data.source, job.data.path, job.data.label)
+        assert run.dir == Path(master.runs_dir) / data / job.experiment / run.name
         jobs.append((run, job))
     return jobs
 
@@ -100,7 +102,7 @@ def test_experiment_expands_to_expected_runs(loader, experiment: str) -> None:
     assert {job.experiment for _, job in jobs} == {out_dir}
     assert len({run.dir for run, _ in jobs}) == len(jobs)  # one directory per run
     for run, job in jobs:
-        assert run.dir.parent == Path("runs") / out_dir
+        assert run.dir.parent == Path("runs") / "cifar-10" / out_dir  # runs/<data>/<experiment>
         assert run.name != "default" or len(jobs) == 1
         task = OmegaConf.masked_copy(job, [k for k in job if k != "hydra"])
         OmegaConf.to_object(task)  # validates against the schema (types, enums)

@@ -176,8 +176,8 @@ def test_a_diverging_run_in_a_sweep_is_marked_failed_and_the_others_finish(npz, 
     with pytest.raises(SystemExit) as info:
         train_module.cli()  # every run is attempted; the sweep's exit status then reports the failure
     assert info.value.code == EXIT_SWEEP_FAILED
-    diverged = next(runs.glob("default/*optim.lr=100000.0*"))
-    healthy = next(runs.glob("default/*optim.lr=0.1*"))
+    diverged = next(runs.glob("*/default/*optim.lr=100000.0*"))
+    healthy = next(runs.glob("*/default/*optim.lr=0.1*"))
     failure = json.loads((diverged / "failed.json").read_text())
     assert "non-finite loss or gradient at iteration" in failure["error"]
     first_bad = int(failure["error"].split("at iteration ")[1].split(";")[0])

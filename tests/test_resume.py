@@ -156,8 +156,8 @@ def test_killed_sweep_relaunched_leaves_finished_runs_untouched_and_resumes_the_
             cli()
 
     assert run_forked(first_launch) == -9
-    run_dirs = {it: next(runs.glob(f"default/*optim.max_iter={it},*")) for it in (20, 40)}
-    assert not list(runs.glob("default/*optim.max_iter=30,*"))  # never started
+    run_dirs = {it: next(runs.glob(f"*/default/*optim.max_iter={it},*")) for it in (20, 40)}
+    assert not list(runs.glob("*/default/*optim.max_iter=30,*"))  # never started
     assert (run_dirs[20] / "metrics.json").exists() and not (run_dirs[40] / "metrics.json").exists()
     assert checkpoint_iteration(run_dirs[40]) == 20
     finished_before = tree_snapshot(run_dirs[20])
@@ -166,7 +166,7 @@ def test_killed_sweep_relaunched_leaves_finished_runs_untouched_and_resumes_the_
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert tree_snapshot(run_dirs[20]) == finished_before  # same files, same bytes, same mtimes
     assert "resumed from" in proc.stdout and "at iteration 20" in proc.stdout
-    run_dirs[30] = next(runs.glob("default/*optim.max_iter=30,*"))
+    run_dirs[30] = next(runs.glob("*/default/*optim.max_iter=30,*"))
     for it, run_dir in run_dirs.items():
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert metrics["status"] == "finished" and metrics["iterations"] == it

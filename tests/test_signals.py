@@ -85,9 +85,9 @@ def test_sigterm_stops_a_whole_basic_launcher_sweep_not_just_its_current_run(sam
             train_module.cli()
 
     assert run_forked(launch) == train_module.EXIT_PREEMPTED
-    seed0 = next(runs.glob("default/*seed=0*"))
+    seed0 = next(runs.glob("*/default/*seed=0*"))
     assert checkpoint_iteration(seed0) == 6 and not (seed0 / "failed.json").exists()
-    assert not list(runs.glob("default/*seed=1*"))
+    assert not list(runs.glob("*/default/*seed=1*"))
 
 
 @pytest.mark.parametrize("requeued", [True, False], ids=["requeued", "out of requeues"])

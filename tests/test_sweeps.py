@@ -59,7 +59,7 @@ def submitit_sweep(sample_npz: Path, tmp_path_factory: pytest.TempPathFactory) -
     runs = tmp_path_factory.mktemp("runs")
     args = ["experiment=quick", "hydra/launcher=submitit_local", f"runs_dir={runs}", "data=npz",
             f"data.path={sample_npz}", *TINY]
-    return {"args": args, "sweep_dir": runs / "quick", "first": sweep(args)}
+    return {"args": args, "sweep_dir": runs / "cifar10-sample" / "quick", "first": sweep(args)}
 
 
 def run_dirs(sweep_dir: Path) -> list[Path]:
@@ -99,15 +99,16 @@ def test_failed_run_is_reported_while_the_others_finish(sample_npz: Path, tmp_pa
     result = sweep(["experiment=quick", "model.arch=resnet", "fail_at_iter=3,null", f"runs_dir={tmp_path}",
                     "data=npz", f"data.path={sample_npz}", *TINY])
     assert result.returncode == EXIT_SWEEP_FAILED, result.stdout + result.stderr
-    failed, finished = (next((tmp_path / "quick").glob(f"*,fail_at_iter={v},model.arch=resnet,*")) for v in (3, "null"))
+    sweep_dir = tmp_path / "cifar10-sample" / "quick"
+    failed, finished = (next(sweep_dir.glob(f"*,fail_at_iter={v},model.arch=resnet,*")) for v in (3, "null"))
     assert (failed / "failed.json").is_file() and not (failed / "metrics.json").exists()
     assert (finished / "metrics.json").is_file() and not (finished / "failed.json").exists()
     assert "2 runs, 1 finished, 0 skipped, 1 failed, 0 incomplete" in result.stdout
     line = next(x for x in result.stdout.splitlines() if x.strip().startswith("failed "))
     assert failed.name in line and "fault injected at iteration 3" in line
-    summary = json.loads((tmp_path / "quick" / SUMMARY_JSON).read_text())
+    summary = json.loads((tmp_path / "cifar10-sample" / "quick" / SUMMARY_JSON).read_text())
     assert {r["name"]: r["status"] for r in summary["runs"]} == {failed.name: "failed", finished.name: "finished"}
-    assert "1 failed" in (tmp_path / "quick" / "sweeps.log").read_text()
+    assert "1 failed" in (tmp_path / "cifar10-sample" / "quick" / "sweeps.log").read_text()
 
 
 def test_summary_tells_stale_failures_and_missing_runs_apart(tmp_path: Path) -> None:
@@ -260,9 +261,9 @@ def test_with_a_concurrent_launcher_the_experiments_run_together(sample_npz: Pat
     assert out.index("=== [2/3] experiment smoke:") < out.index("=== [1/3] experiment quick:")  # longest first
     spans = {}
     for experiment in ("quick", "smoke"):
-        assert "Sweep summary" in (runs / experiment / reproduce.REPRODUCE_LOG).read_text()
-        assert len(list((runs / experiment).glob("*/metrics.json"))) == 1
-        summary = json.loads((runs / experiment / SUMMARY_JSON).read_text())
+        assert "Sweep summary" in (runs / "sample" / experiment / reproduce.REPRODUCE_LOG).read_text()
+        assert len(list((runs / "sample" / experiment).glob("*/metrics.json"))) == 1
+        summary = json.loads((runs / "sample" / experiment / SUMMARY_JSON).read_text())
         spans[experiment] = (summary["started"], summary["ended"])
     assert spans["quick"][0] <= spans["smoke"][1] and spans["smoke"][0] <= spans["quick"][1]  # the sweeps overlapped
     record = json.loads((tmp_path / "results" / "sample" / "two" / "reproduce.json").read_text())

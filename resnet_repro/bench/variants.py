@@ -83,7 +83,13 @@ def plan_variants(
     v3g = replace(v3, key="ours-3g", label="(3g) (3) with the paper's BN over 64 images (ghost BN)", bn_group=64)
     v5bg = replace(v5b, key="ours-5bg", label="(5bg) (5b) with the paper's BN over 64 images", bn_group=64)
     plan = [Planned(base), Planned(v1), Planned(v2), Planned(v3)]
-    plan.append(Planned(v4, None if cuda or compile_on_cpu else "CUDA only by default (--compile-on-cpu forces it)"))
+    compile_skip = None if cuda or compile_on_cpu else "CUDA only by default (--compile-on-cpu forces it)"
+    if not cuda:  # on CUDA (2)-(5) have channels_last already; on CPU its effect is a measurement of its own
+        v1cl = replace(v1, key="ours-1cl", label="(1cl) (1) + channels_last (fp32)", channels_last=True)
+        v3cl = replace(v3, key="ours-3cl", label="(3cl) (3) + channels_last", channels_last=True)
+        v4cl = replace(v3cl, key="ours-4cl", label="(4cl) (3cl) + torch.compile", compile=True)
+        plan += [Planned(v1cl), Planned(v3cl), Planned(v4cl, compile_skip)]
+    plan.append(Planned(v4, compile_skip))
     plan.append(Planned(v5, None if cuda else "CUDA only"))
     plan.append(Planned(v5b, None if cuda else "CUDA only"))
     small_batch = batch_size <= v3g.bn_group
