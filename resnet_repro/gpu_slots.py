@@ -1,17 +1,20 @@
-"""K runs per GPU in a sweep: each job holds one of K slot locks of the least-busy GPU while it trains.
+"""Several runs per GPU in a local sweep: K, the launcher's job count, and the slot each job holds while it trains.
 
-Round-robin by job number (job j on GPU j mod G) drifts as soon as runs differ in length: with plain-20 and
-ResNet-110 in one sweep, the short runs' GPUs free up while the next jobs still land on busy ones. Here a job
-instead takes, under one machine-wide chooser lock, a free slot of the GPU that has the fewest slots held, and
-keeps it until its run ends. Slots are `flock` locks on files named by the GPU's UUID, so
+K is `$RESNET_REPRO_RUNS_PER_GPU` (default 1; `make bench`'s K table measures what more would gain on a GPU).
+The local launcher (configs/hydra/launcher/local.yaml) runs visible GPUs x K jobs at once (`local_jobs`); each
+job takes, under one machine-wide chooser lock, a free slot of the GPU with the fewest slots held and keeps it
+until its run ends. Slots are `flock` locks on files named by the GPU's UUID, so
 
 - a job that dies (even `kill -9`) releases its slot with its file descriptor, nothing to clean up;
-- separate sweeps on one machine (or Slurm jobs on one node) share the same accounting of each physical GPU;
+- separate sweeps on one machine (`make reproduce LAUNCHER=local` launches its experiments together) share the
+  count of each physical GPU: never more than K runs on one GPU;
+- a GPU whose short runs finished gets the next job. A fixed GPU per job number (job j on GPU j mod G) gets this
+  wrong: with plain-20 and ResNet-110 in one sweep, the next job lands on a GPU still busy with long runs while
+  another idles;
 - a job that finds every slot busy waits for one instead of oversubscribing a GPU.
 
 The directory is `$RESNET_REPRO_SLOT_DIR` (default: `resnet_repro-gpu-slots-<uid>` in the system temp folder, one
-per user, since another user's lock files are not ours to open) and K is `$RESNET_REPRO_RUNS_PER_GPU`, the same
-variable that sizes the local launcher's `n_jobs` (runs_per_gpu.py).
+per user, since another user's lock files are not ours to open).
 """
 
 from __future__ import annotations
@@ -27,11 +30,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from resnet_repro.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
+RUNS_PER_GPU_ENV = "RESNET_REPRO_RUNS_PER_GPU"
 SLOT_DIR_ENV = "RESNET_REPRO_SLOT_DIR"
 CHOOSER_NAME = "choose.lock"
 WAIT_LOG_EVERY_S = 60.0
+
+
+def runs_per_gpu(raw: str | int | None = None) -> int:
+    """K: `raw`, else `$RESNET_REPRO_RUNS_PER_GPU`, else 1; a ConfigError naming the variable unless a positive
+    integer."""
+    raw = os.environ.get(RUNS_PER_GPU_ENV, "1") if raw is None else raw
+    try:
+        k = int(raw)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise ConfigError(
+            f"{RUNS_PER_GPU_ENV}={raw!r} is not valid: a positive integer, the runs a local sweep trains at once on "
+            "each GPU (default 1; `make bench` measures what a higher K gains on your GPU)"
+        )
+    return k
+
+
+def local_jobs(raw: str | int | None = None) -> int:
+    """The local launcher's `n_jobs`: visible GPUs x K, or 1 on a machine without a GPU (runs in turn)."""
+    import torch
+
+    k = runs_per_gpu(raw)  # a bad value is an error on a machine without a GPU too
+    return torch.cuda.device_count() * k if torch.cuda.is_available() else 1
 
 
 @dataclass

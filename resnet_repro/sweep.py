@@ -10,8 +10,6 @@ and exits with status 4 (EXIT_SWEEP_FAILED) when a run failed or is incomplete, 
 - skipped: metrics.json existed before the sweep started (train.py does not train it again);
 - failed: failed.json was written during this sweep (its error line is shown);
 - incomplete: neither (killed, never started, or its job crashed); rerunning the same command resumes it.
-
-`local_jobs` is the OmegaConf resolver behind configs/hydra/launcher/local.yaml's `n_jobs`.
 """
 
 from __future__ import annotations
@@ -31,21 +29,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from resnet_repro.checkpoint import atomic_write_json
 from resnet_repro.run_files import FAILED_NAME, METRICS_NAME, PLAN_JSON, SUMMARY_JSON, SUMMARY_LOG
 from resnet_repro.run_lock import holder
-from resnet_repro.runs_per_gpu import parse_runs_per_gpu, runs_per_gpu_for_launcher
 from resnet_repro.tracking import now_iso
 
 STATUSES = ("finished", "skipped", "failed", "incomplete")
 EXIT_SWEEP_FAILED = 4  # failed or incomplete runs at the end (train.py: 1 failed, 2 config, 3 preempted, 5 busy)
-
-
-def local_jobs(runs_per_gpu: int | str = 1) -> int:
-    """Concurrent jobs for the local launcher: visible GPUs x `runs_per_gpu` (a number, or `auto`: measured once per
-    kind of GPU, runs_per_gpu.py), or 1 on a machine without a GPU."""
-    import torch
-
-    parse_runs_per_gpu(runs_per_gpu)  # a bad value is an error on a machine without a GPU too
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return gpus * runs_per_gpu_for_launcher(runs_per_gpu) if gpus else 1
 
 
 @dataclass

@@ -7,12 +7,10 @@ torchrun --nproc-per-node=2 -m resnet_repro.train model.depth=110
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +33,15 @@ from resnet_repro.config import (
     warmup_enabled,
 )
 from resnet_repro.data import DeviceData, load_cifar10, load_npz, split_validation
+from resnet_repro.device import device_type, init_distributed, job_device, resolve_channels_last, resolve_precision
 from resnet_repro.engine import DistInfo, LoopOptions, Preempted, fit, write_metrics
 from resnet_repro.errors import ConfigError
-from resnet_repro.gpu_slots import acquire_gpu_slot, cuda_gpu_keys
+from resnet_repro.gpu_slots import local_jobs
 from resnet_repro.models import build_model, count_parameters
 from resnet_repro.models.ghost_bn import use_ghost_batch_norm
 from resnet_repro.optim import Schedule, Warmup, make_sgd
 from resnet_repro.run_files import FAILED_NAME, METRICS_NAME, data_dir_name
 from resnet_repro.run_lock import RunDirectoryBusy, hold_run_directory, holder
-from resnet_repro.runs_per_gpu import runs_per_gpu_for_job
-from resnet_repro.sweep import local_jobs
 from resnet_repro.tracking import environment_info, now_iso
 
 log = logging.getLogger("resnet_repro.train")
@@ -96,31 +93,6 @@ def distributed_info() -> DistInfo:
     return DistInfo(rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)))
 
 
-@contextlib.contextmanager
-def job_device(requested: Device, dist_info: DistInfo, sweeping: bool) -> Iterator[torch.device]:
-    """The device for this process while it trains.
-
-    CPU when asked or without CUDA; torchrun's LOCAL_RANK for DDP; in a sweep, a slot of the least-busy GPU
-    (at most `$RESNET_REPRO_RUNS_PER_GPU` runs per GPU, see gpu_slots.py and runs_per_gpu.py), held until the run
-    ends; else the current CUDA device.
-    """
-    if requested is Device.cpu or not torch.cuda.is_available():
-        yield torch.device("cpu")
-    elif dist_info.world_size > 1:
-        yield torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    elif not sweeping:
-        yield torch.device("cuda", torch.cuda.current_device())
-    else:
-        slot = acquire_gpu_slot(cuda_gpu_keys(), runs_per_gpu_for_job())
-        try:
-            yield torch.device("cuda", slot.index)
-        finally:
-            try:  # a launcher's worker is reused for later jobs, maybe on another GPU: give this one's cache back
-                torch.cuda.empty_cache()
-            finally:
-                slot.release()
-
-
 def load_data(cfg: TrainConfig):
     """Load the configured images once, as uint8 CPU tensors."""
     d = cfg.data
@@ -134,21 +106,21 @@ def load_data(cfg: TrainConfig):
 
 
 def train(cfg: TrainConfig, run_dir: Path, dist_info: DistInfo, sweeping: bool = False) -> dict[str, Any]:
-    """Validate, build everything and fit one run in `run_dir`; returns the metrics written to metrics.json."""
-    validate(cfg, world_size=dist_info.world_size)
+    """Validate, take this job's device (and join torchrun's process group), build everything and fit one run in
+    `run_dir`; returns the metrics written to metrics.json."""
+    kind = device_type(Device(cfg.trainer.device))
+    validate(cfg, world_size=dist_info.world_size, cuda_available=kind == "cuda")  # before peers are waited for
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
-    with job_device(Device(cfg.trainer.device), dist_info, sweeping) as device:
+    with job_device(kind, dist_info.world_size, sweeping) as device:
+        if dist_info.world_size > 1 and not torch.distributed.is_initialized():
+            init_distributed(device)
         return _train_on(cfg, run_dir, dist_info, device)
 
 
 def _train_on(cfg: TrainConfig, run_dir: Path, dist_info: DistInfo, device: torch.device) -> dict[str, Any]:
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    precision = Precision(cfg.trainer.precision)
-    if precision is Precision.auto:
-        precision = Precision.bf16 if device.type == "cuda" else Precision.fp32
-    channels_last = cfg.trainer.channels_last if cfg.trainer.channels_last is not None else device.type == "cuda"
+    precision = resolve_precision(Precision(cfg.trainer.precision), device)
+    channels_last = resolve_channels_last(cfg.trainer.channels_last, device)
     env = environment_info(device)
     log.info(
         "run dir %s | torch %s CUDA %s cuDNN %s | device %s | threads %d | git %s",
@@ -288,11 +260,15 @@ def _finished(run_dir: Path) -> bool:
 
 
 def _silence_other_ranks(dist_info: DistInfo) -> None:
+    """Under torchrun, rank 0 alone writes train.log and the console's progress; the other ranks print only
+    warnings and errors (each rank's own, e.g. a rank that fails)."""
     if not dist_info.is_main:
         root = logging.getLogger()
         for handler in list(root.handlers):
             if isinstance(handler, logging.FileHandler):
                 root.removeHandler(handler)
+            else:
+                handler.setLevel(logging.WARNING)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
@@ -322,12 +298,7 @@ def main(dict_cfg: DictConfig) -> str:
     if dist_info.is_main:
         (run_dir / FAILED_NAME).unlink(missing_ok=True)
     try:
-        cfg = to_train_config(dict_cfg)
-        validate(cfg, world_size=dist_info.world_size)  # before init_process_group, which would wait for peers
-        if dist_info.world_size > 1 and not torch.distributed.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() and cfg.trainer.device != Device.cpu else "gloo"
-            torch.distributed.init_process_group(backend)
-        train(cfg, run_dir, dist_info, sweeping)
+        train(to_train_config(dict_cfg), run_dir, dist_info, sweeping)
         return "finished"
     except Preempted as exc:  # not a failure: the whole process (a basic-launcher sweep too) stops to be requeued
         log.warning("preempted: %s", exc)

@@ -14,14 +14,6 @@ DEFAULT_SAMPLE_NPZ = REPO.parent / "shared" / "data" / "cifar10-sample" / "cifar
 SAMPLE_NPZ = Path(os.environ.get("RESNET_REPRO_SAMPLE_NPZ") or DEFAULT_SAMPLE_NPZ)
 
 torch.set_num_threads(int(os.environ.get("RESNET_REPRO_TEST_THREADS", "2")))
-# Tests never measure K (the local launcher's default `auto`, runs_per_gpu.py) on a GPU box; those about K set it.
-os.environ["RESNET_REPRO_RUNS_PER_GPU"] = "1"
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _private_cache_dir(tmp_path_factory) -> None:
-    """Nothing a test decides is cached in the user's ~/.cache/resnet_repro."""
-    os.environ["RESNET_REPRO_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="session")

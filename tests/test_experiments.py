@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import resnet_repro.train  # noqa: F401 - registers the schema and the resolvers, as `python -m` does
 from resnet_repro import sweep
+from resnet_repro.gpu_slots import local_jobs
 from resnet_repro.results import NON_RECIPE_KEYS
 from resnet_repro.run_files import data_dir_name
 from resnet_repro.train import run_name
@@ -193,7 +194,7 @@ def test_speed_only_trainer_keys_keep_the_run_directories(loader) -> None:
 def test_launchers_compose(loader, monkeypatch: pytest.MonkeyPatch) -> None:
     local = multirun_config(loader, ["experiment=quick", "hydra/launcher=local"])
     assert local.hydra.launcher._target_.endswith("JoblibLauncher")
-    assert local.hydra.launcher.n_jobs == sweep.local_jobs()
+    assert local.hydra.launcher.n_jobs == local_jobs()
     slurm = multirun_config(
         loader,
         ["experiment=quick", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=30",
@@ -206,12 +207,3 @@ def test_launchers_compose(loader, monkeypatch: pytest.MonkeyPatch) -> None:
         "gpu", 30, 2, 4, 16, 3)
     assert multirun_config(loader, ["hydra/launcher=submitit_local"]).hydra.launcher._target_.endswith("LocalLauncher")
 
-
-def test_local_jobs_is_gpus_times_runs_per_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    import torch
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    assert sweep.local_jobs() == 4 and sweep.local_jobs("2") == 8
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert sweep.local_jobs(3) == 1

@@ -1,4 +1,5 @@
-"""K runs per GPU: slot locks go to the least-busy GPU, are waited for when all are busy, and die with their job."""
+"""K runs per GPU: K is a setting (default 1), the local launcher runs GPUs x K jobs, slot locks go to the least-busy
+GPU, are waited for when all are busy, and die with their job."""
 
 from __future__ import annotations
 
@@ -12,14 +13,41 @@ from pathlib import Path
 
 import pytest
 
+import resnet_repro.device as device_module
 from resnet_repro import gpu_slots
-from resnet_repro.config import Device
-from resnet_repro.engine import DistInfo
-from resnet_repro.gpu_slots import acquire_gpu_slot
-from resnet_repro.runs_per_gpu import RUNS_PER_GPU_ENV
-from resnet_repro.train import job_device
+from resnet_repro.device import job_device
+from resnet_repro.errors import ConfigError
+from resnet_repro.gpu_slots import RUNS_PER_GPU_ENV, acquire_gpu_slot, local_jobs, runs_per_gpu
 
 GPUS = ["GPU-aaaa", "GPU-bbbb"]
+
+
+def test_k_is_one_unless_set_and_must_be_a_positive_integer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(RUNS_PER_GPU_ENV, raising=False)
+    assert runs_per_gpu() == 1
+    monkeypatch.setenv(RUNS_PER_GPU_ENV, "3")
+    assert runs_per_gpu() == 3 and runs_per_gpu("2") == 2
+    for bad in ("0", "-1", "auto", "1.5", ""):
+        with pytest.raises(ConfigError, match=rf"{RUNS_PER_GPU_ENV}='{bad}' is not valid: a positive integer"):
+            runs_per_gpu(bad)
+
+
+def test_the_local_launcher_runs_gpus_times_k_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert local_jobs(1) == 4 and local_jobs("2") == 8
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert local_jobs(3) == 1  # no GPU: one run at a time
+    with pytest.raises(ConfigError, match=RUNS_PER_GPU_ENV):
+        local_jobs("auto")  # a bad value is an error without a GPU too
+
+
+def test_the_trainer_does_not_import_the_benchmark() -> None:
+    code = "import sys, resnet_repro.train; print(sorted(m for m in sys.modules if m.startswith('resnet_repro.bench')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_slots_fill_the_least_busy_gpu_first(tmp_path: Path) -> None:
@@ -76,23 +104,25 @@ def test_slots_of_one_gpu_are_shared_across_processes_by_uuid(tmp_path: Path) ->
 
 def test_cpu_jobs_take_no_slot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(gpu_slots.SLOT_DIR_ENV, str(tmp_path / "slots"))
-    with job_device(Device.cpu, DistInfo(), sweeping=True) as device:
+    with job_device("cpu", 1, sweeping=True) as device:
         assert device.type == "cpu"
     assert not (tmp_path / "slots").exists()
 
 
 def test_a_sweep_job_trains_on_the_free_gpu_and_frees_it_after(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import resnet_repro.train as train_module
+    import torch
 
     monkeypatch.setenv(gpu_slots.SLOT_DIR_ENV, str(tmp_path))
     monkeypatch.setenv(RUNS_PER_GPU_ENV, "1")
-    monkeypatch.setattr(train_module.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(train_module, "cuda_gpu_keys", lambda: list(GPUS))
+    monkeypatch.setattr(device_module, "cuda_gpu_keys", lambda: list(GPUS))
+    current: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     emptied: list[bool] = []
-    monkeypatch.setattr(train_module.torch.cuda, "empty_cache", lambda: emptied.append(True))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
     other_job = acquire_gpu_slot(GPUS, 1, tmp_path)  # holds GPU 0
-    with job_device(Device.auto, DistInfo(), sweeping=True) as device:
-        assert str(device) == "cuda:1"
+    with job_device("cuda", 1, sweeping=True) as device:
+        assert str(device) == "cuda:1" and current == [device]
         assert gpu_slots._try_acquire(GPUS, 1, tmp_path) is None
         assert not emptied
     assert emptied == [True]  # the reused worker hands its cached GPU memory back before the slot is free
