@@ -211,7 +211,7 @@ def fit(
         state = RunState(**saved["run_state"])
         log.info("resumed from %s at iteration %d", ckpt_path, state.iteration)
     acc = Accumulators.zeros(device, state.iteration)
-    if "interval" in saved:
+    if "interval" in saved and dist_info.is_main:  # all ranks' sums since the last log point, kept by rank 0
         acc.loss_sum.fill_(saved["interval"]["loss_sum"])
         acc.wrong.fill_(saved["interval"]["wrong"])
         acc.seen.fill_(saved["interval"]["seen"])
@@ -228,6 +228,7 @@ def fit(
         run_iteration = EagerIteration(step, data, acc, options.batch_size, dist_info.rank, dist_info.world_size)
 
     def checkpoint() -> None:
+        loss_sum, wrong, seen = _interval_sums(acc, dist_info)
         if dist_info.is_main:
             save_checkpoint(
                 ckpt_path,
@@ -240,7 +241,7 @@ def fit(
                     "warmup": schedule.warmup.state_dict() if schedule.warmup is not None else {},
                     "rng": rng_state(device),
                     "run_state": state.state_dict(),
-                    "interval": {"loss_sum": acc.loss_sum.item(), "wrong": acc.wrong.item(), "seen": acc.seen.item()},
+                    "interval": {"loss_sum": loss_sum, "wrong": wrong, "seen": seen},
                 },
             )
         if dist_info.world_size > 1:
@@ -267,13 +268,12 @@ def fit(
                     _check_finite(acc, device, dist_info, ckpt_path)
                     now = time.perf_counter()
                     state.train_time_s += now - interval_start
-                    seen = acc.seen.item()
-                    world_seen = seen * dist_info.world_size
+                    loss_sum, wrong_sum, seen = _interval_sums(acc, dist_info)  # the whole global batch's
                     state.last = {
-                        "train/loss": acc.loss_sum.item() / max(seen, 1),
-                        "train/err": 100.0 * acc.wrong.item() / max(seen, 1),
+                        "train/loss": loss_sum / max(seen, 1),
+                        "train/err": 100.0 * wrong_sum / max(seen, 1),
                         "opt/lr": lr,
-                        "perf/img_per_s": world_seen / max(now - interval_start, 1e-9),
+                        "perf/img_per_s": seen / max(now - interval_start, 1e-9),
                     }
                     scalars.add(state.iteration, state.last)
                     log.info(
@@ -294,7 +294,7 @@ def fit(
                     )
                     acc.reset_interval()
                     interval_start = time.perf_counter()
-                if state.iteration % options.eval_every == 0 or done:
+                if (state.iteration % options.eval_every == 0 or done) and dist_info.is_main:
                     _evaluate_all(model, data, options, state, scalars)
                     interval_start = time.perf_counter()
                 state.elapsed_s = time.perf_counter() - run_start
@@ -319,7 +319,16 @@ def fit(
     finally:
         progress.close()
         scalars.close()
-    return _final_metrics(plain_model, data, options, state, run_info)
+    return _final_metrics(plain_model, data, options, state, run_info, dist_info.is_main)
+
+
+def _interval_sums(acc: Accumulators, dist_info: DistInfo) -> tuple[float, float, float]:
+    """(loss sum, number wrong, images) since the last log point, over all ranks: the whole global batch's."""
+    sums = torch.stack([acc.loss_sum, acc.wrong, acc.seen])
+    if dist_info.world_size > 1:
+        dist.all_reduce(sums)
+    loss_sum, wrong, seen = sums.tolist()
+    return loss_sum, wrong, seen
 
 
 def _should_stop(stop: StopSignal, iteration: int, options: LoopOptions, device, dist_info: DistInfo) -> bool:
@@ -364,9 +373,12 @@ def _evaluate_all(model, data: DeviceData, options: LoopOptions, state: RunState
     )
 
 
-def _final_metrics(model, data: DeviceData, options: LoopOptions, state: RunState, run_info: dict) -> dict[str, Any]:
+def _final_metrics(
+    model, data: DeviceData, options: LoopOptions, state: RunState, run_info: dict, is_main: bool
+) -> dict[str, Any]:
+    """metrics.json's content. Under DDP only rank 0 evaluates: other ranks return no test, val or response numbers."""
     responses = None
-    if options.compute_responses and run_info.get("arch") in ("plain", "resnet"):
+    if options.compute_responses and is_main and run_info.get("arch") in ("plain", "resnet"):
         from resnet_repro.models.responses import layer_response_std
 
         responses = layer_response_std(model, data.normalized_test_images())

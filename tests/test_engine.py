@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import REPO
 from omegaconf import OmegaConf
-from reliability_support import leave_together
+from reliability_support import cli_env, leave_together, make_tiny_npz
 
 from resnet_repro.config import TrainConfig
 from resnet_repro.engine import DistInfo
@@ -87,7 +90,8 @@ def _ddp_worker(rank: int, world_size: int, port: int, cfg: TrainConfig, run_dir
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        train(cfg, Path(run_dir), DistInfo(rank=rank, world_size=world_size))
+        metrics = train(cfg, Path(run_dir), DistInfo(rank=rank, world_size=world_size))
+        Path(f"{run_dir}.rank{rank}.json").write_text(json.dumps(metrics))
         leave_together()
     finally:
         torch.distributed.destroy_process_group()
@@ -103,10 +107,12 @@ def test_two_process_ddp_matches_one_process_with_ghost_bn(sample_npz, tmp_path)
     """2 gloo ranks x 16 images == 1 process x 32 images with BN statistics over groups of 16.
 
     fp32 reductions run in a different order, so equality is up to rounding (relative 1e-4 after 8 steps); the
-    same single-process run with BN over all 32 images is the negative control and lies much further away.
+    same single-process run with BN over all 32 images is the negative control and lies much further away. The
+    logged training loss and error cover the whole global batch (both ranks' images), as the single process's do;
+    only rank 0 evaluates, and its errors are the ones metrics.json reports.
     """
-    common = {"optim.max_iter": 8, "optim.milestones": [4, 6], "trainer.checkpoint_every": 8, "responses": False}
-    train(tiny_config(sample_npz, **common, **{"model.bn_group": 16}), tmp_path / "ghost", DistInfo())
+    common = {"optim.max_iter": 8, "optim.milestones": [4, 6], "trainer.checkpoint_every": 8}
+    one = train(tiny_config(sample_npz, **common, **{"model.bn_group": 16}), tmp_path / "ghost", DistInfo())
     train(tiny_config(sample_npz, **common), tmp_path / "whole", DistInfo())
     ddp = tiny_config(sample_npz, **common)
     mp.spawn(_ddp_worker, args=(2, _free_port(), ddp, str(tmp_path / "ddp")), nprocs=2, join=True)
@@ -117,5 +123,32 @@ def test_two_process_ddp_matches_one_process_with_ghost_bn(sample_npz, tmp_path)
     assert moved < 1e-4, moved
     assert control > 10 * moved, (control, moved)
     assert start["run_state"]["iteration"] == 8
-    assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["world_size"] == 2
+    written = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert written["world_size"] == 2
     assert not list((tmp_path / "ddp").glob("rank*"))  # only rank 0 writes
+    rank0, rank1 = (json.loads((tmp_path / f"ddp.rank{r}.json").read_text()) for r in (0, 1))
+    for ranks_metrics in (rank0, rank1, written):  # 4 iterations x 32 images since the last log point
+        assert ranks_metrics["final_train_loss"] == pytest.approx(one["final_train_loss"], rel=1e-4)
+        assert abs(ranks_metrics["final_train_err"] - one["final_train_err"]) <= 100 / 128  # one image at most
+    assert written["final_test_err"] == rank0["final_test_err"] is not None
+    assert written["layer_response_std"] == rank0["layer_response_std"] is not None
+    assert rank1["final_test_err"] is None and rank1["layer_response_std"] is None  # one evaluation: rank 0's
+
+
+def test_torchrun_prints_each_line_once(sample_npz, tmp_path):
+    """The real command under torchrun, 2 CPU ranks (gloo): one console (rank 0's), one finished line, one result."""
+    npz = make_tiny_npz(sample_npz, tmp_path / "tiny.npz", n_train=64, n_test=40)
+    args = [
+        "data=npz", f"data.path={npz}", "data.batch_size=16", "model.depth=8", "optim.max_iter=4",
+        "optim.milestones=[2,3]", "trainer.log_every=2", "trainer.eval_every=4", "trainer.checkpoint_every=4",
+        "trainer.device=cpu", "trainer.threads=1", "trainer.progress=false", f"runs_dir={tmp_path / 'runs'}",
+    ]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               "-m", "resnet_repro.train", *args]
+    done = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=240)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    for line in ("iter 2/4 lr", "iter 4/4 lr", "iter 4 test err", "finished: test err"):
+        assert output.count(line) == 1, (line, output)
+    (metrics,) = (tmp_path / "runs").rglob("metrics.json")
+    assert json.loads(metrics.read_text())["world_size"] == 2
