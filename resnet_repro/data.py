@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 PAD = 4  # pixels of zero padding on each side before the random crop (paper section 4.2)
 IMAGE_SIZE = 32
+SUM_CHUNK = 1024  # images summed at once for the pixel mean (a 25 MB int64 temporary)
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
@@ -125,15 +126,24 @@ def to_nchw(images: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 3, 1, 2).contiguous()
 
 
+def pixel_mean(images_nchw: torch.Tensor) -> torch.Tensor:
+    """The per-pixel mean (1, 3, 32, 32) of uint8 images scaled to [0, 1], float32: an exact integer sum divided
+    once in float64, so the bits of a float64 mean without a float64 copy of the images."""
+    total = torch.zeros(images_nchw.shape[1:], dtype=torch.int64)
+    for chunk in images_nchw.split(SUM_CHUNK):
+        total += chunk.sum(dim=0, dtype=torch.int64)
+    return (total.double() / (255.0 * len(images_nchw))).float().unsqueeze(0)
+
+
 class Normalizer:
     """Per-pixel mean subtraction (paper) or per-channel mean/std, with statistics from training images only."""
 
     def __init__(self, train_images_nchw: torch.Tensor, mode: str) -> None:
-        x = train_images_nchw.to(torch.float64) / 255.0
         if mode == "pixel_mean":
-            self.mean = x.mean(dim=0, keepdim=True).float()  # (1, 3, 32, 32)
+            self.mean = pixel_mean(train_images_nchw)
             self.scale = torch.ones(1, 3, 1, 1)
         elif mode == "channel":
+            x = train_images_nchw.to(torch.float64) / 255.0
             self.mean = x.mean(dim=(0, 2, 3), keepdim=True).float()
             self.scale = 1.0 / x.std(dim=(0, 2, 3), keepdim=True).float()
         else:

@@ -32,13 +32,7 @@ from resnet_repro.checkpoint import (
 from resnet_repro.data import DeviceData
 from resnet_repro.optim import Schedule
 from resnet_repro.run_files import METRICS_NAME
-from resnet_repro.step import (
-    Accumulators,
-    EagerIteration,
-    GraphedIteration,
-    TrainStep,
-    match_parameter_layouts,
-)
+from resnet_repro.step import Accumulators, TrainStep, make_iteration, match_parameter_layouts
 from resnet_repro.tracking import Progress, ScalarLog, now_iso
 
 log = logging.getLogger(__name__)
@@ -70,7 +64,7 @@ class LoopOptions:
     eval_every: int = 2000
     checkpoint_every: int = 2000
     precision: str = "fp32"  # fp32 | bf16 | fp16
-    cuda_graphs: bool = False  # GraphedIteration: captured on CUDA, its uncaptured body elsewhere (tests)
+    cuda_graphs: bool = False  # GraphedIteration: captured on CUDA (eager if that fails), its body elsewhere (tests)
     progress: bool = True
     compute_responses: bool = True
     fail_at_iter: int | None = None
@@ -218,14 +212,16 @@ def fit(
     model.train()  # before a graph is captured: it records the training-mode kernels
     run_start = time.perf_counter() - state.elapsed_s  # wall time includes graph capture (ms_per_iter does not)
     per_rank_batch = options.batch_size // dist_info.world_size
-    if options.cuda_graphs:
-        if dist_info.world_size > 1:
-            raise ValueError("CUDA graphs are for one process; DDP runs the eager iteration")
-        run_iteration: EagerIteration | GraphedIteration = GraphedIteration(
-            step, data, acc, options.batch_size, capture=device.type == "cuda"
-        )
-    else:
-        run_iteration = EagerIteration(step, data, acc, options.batch_size, dist_info.rank, dist_info.world_size)
+    run_iteration = make_iteration(  # eager or graphed, decided here once (a failed capture: eager)
+        step,
+        data,
+        acc,
+        options.batch_size,
+        graphs=options.cuda_graphs,
+        capture=device.type == "cuda",
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+    )
 
     def checkpoint() -> None:
         loss_sum, wrong, seen = _interval_sums(acc, dist_info)

@@ -4,6 +4,7 @@
 its batch and counts it: `EagerIteration` does that op by op; `GraphedIteration` reads the batch's indices from
 static buffers so that the whole iteration (augmentation, step, sums) can be captured in one CUDA graph and
 replayed, which removes the per-kernel launch cost that dominates these small networks on a GPU.
+`make_iteration` picks one of them, once, before the loop starts.
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ class GraphedIteration:
         self.capture_s = 0.0
         self.capture_peak_extra = 0
         if capture:
-            self._capture()
+            self.capture()
 
     def _load(self, iteration: int) -> None:
         idx, oy, ox, flip = self.data.stream_indices(iteration * self.batch_size, self.batch_size)
@@ -210,7 +211,9 @@ class GraphedIteration:
         momentum = [optimizer.state[p]["momentum_buffer"] for p in self.step.params if p in optimizer.state]
         return [*model.parameters(), *model.buffers(), *momentum, *self.acc.tensors()]
 
-    def _capture(self) -> None:
+    def capture(self) -> None:
+        """Capture the iteration into a CUDA graph (after eager warm-up steps whose updates are undone, also when
+        the capture fails)."""
         device = self.data.device
         started = time.perf_counter()
         state = self._state_tensors()
@@ -260,3 +263,37 @@ class GraphedIteration:
         self.graph.replay()
         assert self.wrong is not None
         return self.wrong
+
+
+def make_iteration(
+    step: TrainStep,
+    data: DeviceData,
+    acc: Accumulators,
+    batch_size: int,
+    graphs: bool,
+    capture: bool,
+    rank: int = 0,
+    world_size: int = 1,
+) -> EagerIteration | GraphedIteration:
+    """The iteration a run trains with: eager, or with `graphs` the graphed one (captured when `capture`: on CUDA).
+
+    A capture that fails is not fatal: a warning, then the eager iteration, which computes the same numbers (the
+    capture's warm-up steps were undone), only slower.
+    """
+    if not graphs:
+        return EagerIteration(step, data, acc, batch_size, rank, world_size)
+    if world_size > 1:
+        raise ValueError("CUDA graphs are for one process; DDP runs the eager iteration")
+    graphed = GraphedIteration(step, data, acc, batch_size, capture=False)
+    if capture:
+        try:
+            graphed.capture()
+        except Exception as exc:  # noqa: BLE001 - any capture failure: train eagerly instead
+            log.warning(
+                "CUDA graph capture failed (%s: %s); training with the eager iteration instead (same numbers, "
+                "slower). trainer.cuda_graphs=false skips the attempt.",
+                type(exc).__name__,
+                exc,
+            )
+            return EagerIteration(step, data, acc, batch_size)
+    return graphed

@@ -13,6 +13,7 @@ from resnet_repro.data import (
     Normalizer,
     crop_and_flip,
     load_npz,
+    pixel_mean,
     plan_epoch,
     split_validation,
     to_nchw,
@@ -79,13 +80,34 @@ def test_missing_and_corrupt_files_are_rejected(tmp_path):
 def test_pixel_mean_comes_from_training_images_only(sample):
     train, _ = split_validation(sample, 500, seed=0)
     norm = Normalizer(to_nchw(train.x_train), "pixel_mean")
-    expected = to_nchw(train.x_train).double().div(255).mean(dim=0, keepdim=True).float()
-    assert torch.allclose(norm.mean, expected, atol=1e-6)
+    assert torch.equal(norm.mean, _float64_pixel_mean(to_nchw(train.x_train)))
     test_mean = to_nchw(sample.x_test).double().div(255).mean(dim=0, keepdim=True).float()
     assert not torch.allclose(norm.mean, test_mean, atol=1e-3)  # test images would give a different mean
     assert norm.mean.shape == (1, 3, 32, 32) and torch.equal(norm.scale, torch.ones(1, 3, 1, 1))
     normalized = norm(to_nchw(train.x_train))
     assert normalized.mean(dim=0).abs().max() < 1e-4  # per-pixel mean removed exactly
+
+
+def _float64_pixel_mean(images_nchw: torch.Tensor) -> torch.Tensor:
+    """The formula the integer sum replaces: a float64 copy of the images, scaled, averaged, cast to float32."""
+    return (images_nchw.to(torch.float64) / 255.0).mean(dim=0, keepdim=True).float()
+
+
+def test_the_integer_pixel_mean_has_the_float64_formulas_bits(sample):
+    g = torch.Generator().manual_seed(0)
+    cases = {
+        "sample train": to_nchw(sample.x_train),  # 5085 images: several chunks and a partial one
+        "sample test": to_nchw(sample.x_test),
+        "random": torch.randint(0, 256, (3001, 3, 32, 32), generator=g, dtype=torch.uint8),
+        "dark, with a few bright pixels": torch.randint(0, 3, (777, 3, 32, 32), generator=g, dtype=torch.uint8) * 127,
+        "all 255": torch.full((1025, 3, 32, 32), 255, dtype=torch.uint8),
+        "one image": to_nchw(sample.x_train[:1]),
+    }
+    for name, images in cases.items():
+        mean = pixel_mean(images)
+        assert mean.dtype == torch.float32 and mean.shape == (1, 3, 32, 32), name
+        assert torch.equal(mean, _float64_pixel_mean(images)), name
+    assert torch.equal(pixel_mean(cases["all 255"]), torch.ones(1, 3, 32, 32))
 
 
 def test_validation_split_is_fixed_disjoint_and_seeded(sample):

@@ -4,6 +4,8 @@ it resumes exactly. Only the capture itself needs a GPU (tests/test_fast_step.py
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,14 @@ from resnet_repro.data import DeviceData, load_npz
 from resnet_repro.engine import LoopOptions, fit
 from resnet_repro.models import build_model
 from resnet_repro.optim import Schedule, make_sgd
-from resnet_repro.step import Accumulators, EagerIteration, GraphedIteration, TrainStep
+from resnet_repro.step import (
+    GRAPH_WARMUP_STEPS,
+    Accumulators,
+    EagerIteration,
+    GraphedIteration,
+    TrainStep,
+    make_iteration,
+)
 
 CPU = torch.device("cpu")
 
@@ -55,6 +64,64 @@ def test_graphed_iteration_refuses_an_optimizer_without_the_device_side_guard() 
     data = DeviceData(random_cifar(32, 8), None, CPU, "pixel_mean", True, seed=0)
     with pytest.raises(ValueError, match="fused SGD"):
         GraphedIteration(step, data, Accumulators.zeros(CPU, 0), 16, capture=False)
+
+
+class _NoOpStream:
+    def wait_stream(self, other: object) -> None:
+        pass
+
+
+def _capture_fails_after_its_warm_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.cuda as a capture sees it, on the CPU: streams and synchronisation do nothing, and the capture itself
+    raises (as CUDA does for an op that is not allowed while a stream captures)."""
+
+    def graph(*args, **kwargs):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    for name, fake in {
+        "Stream": lambda device=None: _NoOpStream(),
+        "current_stream": lambda device=None: _NoOpStream(),
+        "stream": lambda stream: contextlib.nullcontext(),
+        "synchronize": lambda device=None: None,
+        "memory_allocated": lambda device=None: 0,
+        "reset_peak_memory_stats": lambda device=None: None,
+        "CUDAGraph": object,
+        "graph": graph,
+    }.items():
+        monkeypatch.setattr(torch.cuda, name, fake)
+
+
+def test_a_failed_capture_trains_eagerly_with_the_same_numbers(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """The fallback is decided where the iteration is built: a warning, then the eager iteration; the capture's
+    warm-up steps (which trained) are undone, so the run equals an eager run bit for bit."""
+    _capture_fails_after_its_warm_up(monkeypatch)
+    data = DeviceData(random_cifar(80, 8, seed=1), None, CPU, "pixel_mean", True, seed=2)
+    (m_eager, _, s_eager, a_eager), (m_fell, _, s_fell, a_fell) = _training(), _training()
+    steps_taken = []
+    real_call = TrainStep.__call__
+    monkeypatch.setattr(TrainStep, "__call__", lambda self, *a: steps_taken.append(1) or real_call(self, *a))
+    with caplog.at_level(logging.WARNING, logger="resnet_repro.step"):
+        fell_back = make_iteration(s_fell, data, a_fell, 16, graphs=True, capture=True)
+    assert isinstance(fell_back, EagerIteration) and len(steps_taken) == GRAPH_WARMUP_STEPS
+    assert "CUDA graph capture failed (RuntimeError: CUDA error: operation not permitted" in caplog.text
+    assert "training with the eager iteration instead" in caplog.text
+    eager = make_iteration(s_eager, data, a_eager, 16, graphs=False, capture=True)
+    schedule = Schedule(0.1, [3, 5], 0.1)
+    for it in range(7):
+        assert torch.equal(eager(it, schedule.lr(it)), fell_back(it, schedule.lr(it))), it
+    for (name, a), b in zip(m_eager.state_dict().items(), m_fell.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    for a, b in zip(a_eager.tensors(), a_fell.tensors(), strict=True):
+        assert torch.equal(a, b)
+    assert fell_back.optimizer_state()["param_groups"] == eager.optimizer_state()["param_groups"]
+
+
+def test_without_capture_the_graphed_iteration_is_kept() -> None:
+    data = DeviceData(random_cifar(32, 8), None, CPU, "pixel_mean", True, seed=0)
+    _, _, step, acc = _training()
+    assert isinstance(make_iteration(step, data, acc, 16, graphs=True, capture=False), GraphedIteration)
+    with pytest.raises(ValueError, match="one process"):
+        make_iteration(step, data, acc, 16, graphs=True, capture=False, rank=0, world_size=2)
 
 
 def _fit(run_dir: Path, npz: Path, cuda_graphs: bool, max_iter: int) -> str:
