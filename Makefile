@@ -3,7 +3,14 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
+# The torch build, by the CUDA version it is made for (download.pytorch.org/whl/<TORCH>): cu126 and cu128 run on
+# NVIDIA drivers >= 525 (cu128 also on Blackwell GPUs), cu130 needs >= 580, cpu has no CUDA. The stamp records the
+# choice; without TORCH the installed one stays (cu126 for a new .venv).
+TORCH_BUILDS := cu126 cu128 cu130 cpu
+INSTALLED_TORCH := $(shell cat $(STAMP) 2>/dev/null)
+TORCH ?= $(or $(INSTALLED_TORCH),cu126)
 PROFILE ?= paper
 DATA ?=
 LAUNCHER ?=
@@ -12,22 +19,34 @@ OVERRIDES ?=
 SAMPLE := ../shared/data/cifar10-sample/cifar10_sample.npz
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint smoke reproduce plot bench download tensorboard clean
+.PHONY: help install test test-all lint smoke reproduce plot bench download tensorboard clean FORCE
+
+ifeq ($(filter $(TORCH),$(TORCH_BUILDS)),)
+$(error TORCH=$(TORCH) is not valid: one of $(TORCH_BUILDS) (the CUDA version of the torch build; nvidia-smi shows the newest one your driver runs))
+endif
+# A TORCH given on the command line or in the environment that is not the installed build reinstalls torch.
+ifneq ($(filter command line environment,$(origin TORCH)),)
+ifneq ($(TORCH),$(INSTALLED_TORCH))
+$(STAMP): FORCE
+endif
+endif
 
 help: ## list every target with one line each
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
-	@echo "  variables: PROFILE=paper|quick  DATA=path/to/file.npz (default: CIFAR-10 download)  LABEL='data label'  LAUNCHER=local|slurm|submitit_local  OVERRIDES='key=value ...' (Hydra overrides for every run)"
+	@echo "  variables: TORCH=cu126|cu128|cu130|cpu (install: the torch build; default the installed one, else cu126)"
+	@echo "             PROFILE=paper|quick  DATA=path/to/file.npz (default: CIFAR-10 download)  LABEL='data label'  LAUNCHER=local|slurm|submitit_local  OVERRIDES='key=value ...' (Hydra overrides for every run)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --upgrade pip
-	# torch and torchvision in one call so pip picks a matching pair (a mismatched torchvision fails to import)
-	$(VENV)/bin/pip install "torch>=2.4" "torchvision>=0.19"
-	$(VENV)/bin/pip install -e ".[dev,parallel,slurm]"
+	$(PIP) install --upgrade pip
+	$(if $(filter-out $(INSTALLED_TORCH),$(TORCH)),$(PIP) uninstall -y torch torchvision)
+	# torch and torchvision in one call from one index, so pip picks a matching pair built for $(TORCH)
+	$(PIP) install --index-url https://download.pytorch.org/whl/$(TORCH) "torch>=2.4" "torchvision>=0.19"
+	$(PIP) install -e ".[dev,parallel,slurm]"
 	$(PY) -c "import torch, torchvision, hydra, omegaconf; print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| hydra', hydra.__version__)"
-	touch $(STAMP)
+	echo $(TORCH) > $(STAMP)
 
-install: $(STAMP) ## create .venv and install the package with all extras (idempotent)
+install: $(STAMP) ## create .venv with the torch build TORCH=cu126|cu128|cu130|cpu and the package with all extras
 
 test: $(STAMP) ## install if needed, then run the default test suite (CPU, no network, a few minutes)
 	$(VENV)/bin/pytest -q
