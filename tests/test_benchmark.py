@@ -107,7 +107,7 @@ def test_cli_writes_markdown_and_json_with_every_column(bench_run) -> None:
     assert meta["command"].startswith("python scripts/bench.py") and "--arches resnet-8" in meta["command"]
     assert meta["complete"] is True and meta["stage"] == "complete" and "Partial report" not in md
     rows = {r["config"]: r for r in report["rows"]}
-    keys = ("1", "2", "3", "1cl", "3cl", "4cl", "4", "5", "5b", "3g", "5bg")  # on CPU: the channels_last rows too
+    keys = ("1", "2", "3", "1cl", "3cl", "4cl", "1c", "1clc", "4", "5", "5b", "3g", "5bg")  # on CPU: the channels_last rows too
     assert list(rows) == ["baseline", *(f"ours-{k}" for k in keys)]
     assert rows["ours-3g"]["status"] == "skipped" and "needs a batch above 64" in rows["ours-3g"]["note"]  # batch 16
     for key in ("baseline", "ours-1", "ours-3"):

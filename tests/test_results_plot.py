@@ -110,6 +110,18 @@ def test_degradation_follows_the_data(tmp_path: Path, deep_train: float, degrade
     assert sentences[1].startswith("Residual learning helps at depth 56: ResNet-56 ends with lower")
 
 
+def test_a_single_seed_gap_under_half_a_point_is_called_noise(tmp_path: Path) -> None:
+    make_run_dir(tmp_path, "plain", 20, final_test_err=9.0, final_train_err=6.0)
+    make_run_dir(tmp_path, "plain", 56, final_test_err=9.4, final_train_err=6.3)  # higher, by 0.4 and 0.3 points
+    make_run_dir(tmp_path, "resnet", 56, final_test_err=8.8, final_train_err=5.0)  # 0.6 / 1.3 points below plain-56
+    sentences = degradation_verdict([load_run(d) for d in find_runs([tmp_path])])
+    assert sentences[0] == (
+        "Within noise (one seed, gap under 0.5 points): plain-56 ends with higher (within noise) final training "
+        "error (6.30% vs 6.00%) and higher (within noise) final test error (9.40% vs 9.00%) than plain-20."
+    )
+    assert sentences[1].startswith("Residual learning helps at depth 56: ResNet-56 ends with lower final training")
+
+
 @pytest.mark.parametrize("name", ["fig6.png", "fig7.png"])
 def test_figures_written(outputs: Path, name: str) -> None:
     path = outputs / name

@@ -88,7 +88,11 @@ def plan_variants(
         v1cl = replace(v1, key="ours-1cl", label="(1cl) (1) + channels_last (fp32)", channels_last=True)
         v3cl = replace(v3, key="ours-3cl", label="(3cl) (3) + channels_last", channels_last=True)
         v4cl = replace(v3cl, key="ours-4cl", label="(4cl) (3cl) + torch.compile", compile=True)
-        plan += [Planned(v1cl), Planned(v3cl), Planned(v4cl, compile_skip)]
+        # fp32 with compile: where the CPU has no native bf16, fp32 is the only fast precision
+        v1c = replace(v1, key="ours-1c", label="(1c) (1) + torch.compile (fp32)", compile=True)
+        v1clc = replace(v1cl, key="ours-1clc", label="(1clc) (1cl) + torch.compile (fp32)", compile=True)
+        plan += [Planned(v1cl), Planned(v3cl), Planned(v4cl, compile_skip), Planned(v1c, compile_skip)]
+        plan.append(Planned(v1clc, compile_skip))
     plan.append(Planned(v4, compile_skip))
     plan.append(Planned(v5, None if cuda else "CUDA only"))
     plan.append(Planned(v5b, None if cuda else "CUDA only"))
