@@ -1,5 +1,5 @@
 """The real runner on CUDA (bf16, channels_last, fused SGD; eager, compiled, CUDA-graphed): it learns on real
-CIFAR-10 images and records what it ran. Marked `gpu`: skipped without CUDA (scripts/gpu_session.sh runs them)."""
+CIFAR-10 images and records what it ran. Marked `gpu`: skipped without CUDA (dev/gpu_check.sh runs them)."""
 
 from __future__ import annotations
 
