@@ -7,6 +7,7 @@ torchrun --nproc-per-node=2 -m resnet_repro.train model.depth=110
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
@@ -50,14 +51,20 @@ EXIT_CONFIG_ERROR = 2  # the command line or config is wrong (Hydra's own reject
 EXIT_FAILED = 1
 EXIT_PREEMPTED = 3  # SIGTERM/SIGUSR1/SIGUSR2: checkpoint written; rerun the same command to resume
 EXIT_BUSY = 5  # another process is training this run directory (run_lock.py); nothing was written into it
+NAME_MAX_BYTES = 255  # the longest file name Linux file systems accept
 # Absolute, so the console script and in-process calls find the configs too (a relative path would be resolved
 # against the package `resnet_repro` when the module is not run as __main__).
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 
 def run_name(override_dirname: str) -> str:
-    """Run directory name from the command-line overrides ('default' when there are none)."""
-    return override_dirname.replace("/", "_") or "default"
+    """Run directory name from the command-line overrides ('default' when there are none). A name too long for a
+    file name is cut and ends in a hash of the whole, so different overrides still name different directories."""
+    name = override_dirname.replace("/", "_") or "default"
+    if len(name.encode()) <= NAME_MAX_BYTES:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    return f"{name.encode()[: NAME_MAX_BYTES - len(digest) - 1].decode(errors='ignore')}-{digest}"
 
 
 def _hands_off(output_dir: str) -> bool:

@@ -40,6 +40,7 @@ EXPECTED: dict[str, tuple[str, set[tuple[str, int, str, int]]]] = {
     "fig7_110": ("fig7", {("resnet", 110, A, 0)}),
     "quick": ("quick", {(a, d, A, 0) for a, d in product(("plain", "resnet"), (20, 56))}),
     "smoke": ("smoke", {("resnet", 20, A, 0)}),
+    "fig6_cpu": ("fig6_cpu", {(a, d, A, 0) for a, d in product(("plain", "resnet"), (20, 32, 44, 56))}),
 }
 
 
@@ -207,3 +208,14 @@ def test_launchers_compose(loader, monkeypatch: pytest.MonkeyPatch) -> None:
         "gpu", 30, 2, 4, 16, 3)
     assert multirun_config(loader, ["hydra/launcher=submitit_local"]).hydra.launcher._target_.endswith("LocalLauncher")
 
+
+
+def test_a_run_name_too_long_for_a_file_name_is_cut_and_hashed(tmp_path: Path) -> None:
+    """Many overrides (e.g. a short schedule with its intervals) once made a name the file system refused."""
+    overrides = ",".join(f"optim.warmup_window={i},trainer.log_every={i},trainer.eval_every={i}" for i in range(9))
+    name = run_name(overrides)
+    assert len(overrides) > 255 and len(name.encode()) == 255 and name.startswith(overrides[:200])
+    assert name == run_name(overrides) != run_name(overrides.replace("=8", "=9"))
+    (tmp_path / name).mkdir()  # a name the file system takes
+    assert run_name("model.depth=56,model=plain") == "model.depth=56,model=plain"
+    assert run_name("") == "default"
