@@ -61,13 +61,19 @@ PROFILES: dict[str, tuple[Experiment, ...]] = {
         Experiment("fig6_deep", ("model.depth=1202",)),
     ),
     "quick": (Experiment("quick"),),
+    # Figure 6's plain and ResNet nets on a CPU workstation, in two halves of about equal time (fig6_cpu.yaml)
+    "cpu": (Experiment("fig6_cpu", ("model.arch=plain",)), Experiment("fig6_cpu", ("model.arch=resnet",))),
 }
 # Figure/table title suffix per profile; the title already names the data and the iteration count.
-TITLE_SUFFIX = {"paper": "", "quick": " — quick profile: shortened, lr {lr}"}
+TITLE_SUFFIX = {
+    "paper": "",
+    "quick": " — quick profile: shortened, lr {lr}",
+    "cpu": " — CPU profile: the paper's schedule shortened (lr 0.1, ÷10 at 50% and 75%)",
+}
 LAUNCHERS = ("basic", "local", "slurm", "submitit_local")
 # The device a profile's runs must train on (unless the command line names one): the paper profile's 64k-iteration
 # runs are GPU work, so a torch that sees no GPU stops it at once instead of training on CPU for weeks.
-PROFILE_DEVICE = {"paper": "cuda"}
+PROFILE_DEVICE = {"paper": "cuda", "cpu": "cpu"}
 # Launchers whose sweeps run several jobs at once: with them the experiments are launched together (their jobs
 # share the GPUs through gpu_slots, or queue in Slurm), so no GPU idles while one experiment waits for its longest
 # run. Each experiment's output then goes to runs/<data>/<experiment>/reproduce.log.
@@ -133,10 +139,34 @@ def train_command(experiment: Experiment, args: argparse.Namespace) -> list[str]
 
 
 def device_overrides(args: argparse.Namespace) -> list[str]:
-    """`trainer.device=cuda` for the paper profile, unless the command line sets trainer.device itself."""
-    if args.profile in PROFILE_DEVICE and not any(o.lstrip("+").startswith("trainer.device=") for o in args.overrides):
-        return [f"trainer.device={PROFILE_DEVICE[args.profile]}"]
-    return []
+    """The profile's device (`trainer.device=cuda` for the paper profile) and, for the CPU profile, the fastest
+    settings measured on a CPU (cpu_speed_overrides), unless the command line sets those keys itself."""
+    given = {o.lstrip("+").split("=", 1)[0] for o in args.overrides}
+    wanted = []
+    if args.profile in PROFILE_DEVICE:
+        wanted.append(f"trainer.device={PROFILE_DEVICE[args.profile]}")
+    if args.profile == "cpu":
+        wanted += cpu_speed_overrides()
+    return [o for o in wanted if o.split("=", 1)[0] not in given]
+
+
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Does this CPU compute bf16 natively (x86 avx512_bf16 or amx_bf16)? Without it bf16 autocast is emulated and
+    slower than fp32."""
+    try:
+        flags = cpuinfo.read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def cpu_speed_overrides(native_bf16: bool | None = None) -> list[str]:
+    """The CPU profile's numerics, the fastest measured (results/bench/bench-cpu*.md, make bench): with native bf16
+    (a 2-core Zen 4) bf16 autocast trains ResNet-20/56 about 1.6x faster than fp32; without it (a 2-core Zen 1, AVX2)
+    bf16 is emulated and 5-14x slower, so fp32, where channels_last is 12-13% faster than the default layout."""
+    if native_bf16 if native_bf16 is not None else cpu_has_native_bf16():
+        return ["trainer.precision=bf16"]
+    return ["trainer.precision=fp32", "trainer.channels_last=true"]
 
 
 def missing_gpu(args: argparse.Namespace) -> str | None:
@@ -290,7 +320,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--profile",
         choices=sorted(PROFILES),
         default="paper",
-        help="paper: every paper experiment (GPU); quick: the shortened CPU comparison",
+        help="paper: every paper experiment (GPU); cpu: Figure 6 on the full data, shortened for a CPU workstation; "
+        "quick: the shortened comparison on the sample, in minutes",
     )
     parser.add_argument("--data", help="an npz file (x_train, y_train, x_test, y_test) instead of downloading CIFAR-10")
     parser.add_argument("--label", help="data label shown in figures and tables, also names results/<slug>/")
