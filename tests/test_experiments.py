@@ -40,7 +40,6 @@ EXPECTED: dict[str, tuple[str, set[tuple[str, int, str, int]]]] = {
     "fig7_110": ("fig7", {("resnet", 110, A, 0)}),
     "quick": ("quick", {(a, d, A, 0) for a, d in product(("plain", "resnet"), (20, 56))}),
     "smoke": ("smoke", {("resnet", 20, A, 0)}),
-    "fig6_cpu": ("fig6_cpu", {(a, d, A, 0) for a, d in product(("plain", "resnet"), (20, 32, 44, 56))}),
 }
 
 
@@ -207,7 +206,6 @@ def test_launchers_compose(loader, monkeypatch: pytest.MonkeyPatch) -> None:
     assert (s.partition, s.timeout_min, s.gpus_per_node, s.cpus_per_task, s.mem_gb, s.array_parallelism) == (
         "gpu", 30, 2, 4, 16, 3)
     assert multirun_config(loader, ["hydra/launcher=submitit_local"]).hydra.launcher._target_.endswith("LocalLauncher")
-
 
 
 def test_a_run_name_too_long_for_a_file_name_is_cut_and_hashed(tmp_path: Path) -> None:

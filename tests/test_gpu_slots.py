@@ -44,6 +44,16 @@ def test_the_local_launcher_runs_gpus_times_k_jobs(monkeypatch: pytest.MonkeyPat
         local_jobs("auto")  # a bad value is an error without a GPU too
 
 
+def test_reproduce_checks_k_once_before_its_launchers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from resnet_repro.runs_per_gpu import decide_for_local_sweeps
+
+    monkeypatch.setenv(RUNS_PER_GPU_ENV, "2")
+    decide_for_local_sweeps()
+    monkeypatch.setenv(RUNS_PER_GPU_ENV, "auto")  # the measured K of earlier versions
+    with pytest.raises(ConfigError, match=f"{RUNS_PER_GPU_ENV}='auto' is not valid"):
+        decide_for_local_sweeps()
+
+
 def test_the_trainer_does_not_import_the_benchmark() -> None:
     code = "import sys, resnet_repro.train; print(sorted(m for m in sys.modules if m.startswith('resnet_repro.bench')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
