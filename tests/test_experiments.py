@@ -40,6 +40,7 @@ EXPECTED: dict[str, tuple[str, set[tuple[str, int, str, int]]]] = {
     "fig7_110": ("fig7", {("resnet", 110, A, 0)}),
     "quick": ("quick", {(a, d, A, 0) for a, d in product(("plain", "resnet"), (20, 56))}),
     "smoke": ("smoke", {("resnet", 20, A, 0)}),
+    "fig6_cpu": ("fig6_cpu", {(a, d, A, 0) for a, d in product(("plain", "resnet"), (20, 32, 44, 56))}),
 }
 
 
