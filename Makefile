@@ -5,12 +5,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
-# The torch build, by the CUDA version it is made for (download.pytorch.org/whl/<TORCH>): cu126 and cu128 run on
-# NVIDIA drivers >= 525 (cu128 also on Blackwell GPUs), cu130 needs >= 580, cpu has no CUDA. The stamp records the
-# choice; without TORCH the installed one stays (cu126 for a new .venv).
-TORCH_BUILDS := cu126 cu128 cu130 cpu
+# The torch build: pypi = the default index's (PyPI, or the mirror pip is configured for; on Linux x86_64 a CUDA
+# build, torch 2.9+ for CUDA 12.8/13.0), or one of PyTorch's own indexes by the CUDA version it is made for
+# (download.pytorch.org/whl/<TORCH>): cu126 and cu128 run on NVIDIA drivers >= 525 (cu128 also on Blackwell GPUs),
+# cu130 needs >= 580, cpu has no CUDA. The stamp records the choice; without TORCH the installed one stays (pypi for a
+# new .venv: it installs wherever pip does, offline mirrors and CI included).
+TORCH_BUILDS := pypi cu126 cu128 cu130 cpu
 INSTALLED_TORCH := $(shell cat $(STAMP) 2>/dev/null)
-TORCH ?= $(or $(INSTALLED_TORCH),cu126)
+TORCH ?= $(or $(INSTALLED_TORCH),pypi)
+TORCH_INDEX := $(if $(filter pypi,$(TORCH)),,--index-url https://download.pytorch.org/whl/$(TORCH) )
 PROFILE ?= paper
 DATA ?=
 LAUNCHER ?=
@@ -33,7 +36,7 @@ endif
 
 help: ## list every target with one line each
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
-	@echo "  variables: TORCH=cu126|cu128|cu130|cpu (install: the torch build; default the installed one, else cu126)"
+	@echo "  variables: TORCH=pypi|cu126|cu128|cu130|cpu (install: the torch build; default the installed one, else pypi)"
 	@echo "             PROFILE=paper|quick  DATA=path/to/file.npz (default: CIFAR-10 download)  LABEL='data label'  LAUNCHER=local|slurm|submitit_local  OVERRIDES='key=value ...' (Hydra overrides for every run)"
 
 $(STAMP): pyproject.toml
@@ -41,12 +44,12 @@ $(STAMP): pyproject.toml
 	$(PIP) install --upgrade pip
 	$(if $(filter-out $(INSTALLED_TORCH),$(TORCH)),$(PIP) uninstall -y torch torchvision)
 	# torch and torchvision in one call from one index, so pip picks a matching pair built for $(TORCH)
-	$(PIP) install --index-url https://download.pytorch.org/whl/$(TORCH) "torch>=2.4" "torchvision>=0.19"
+	$(PIP) install $(TORCH_INDEX)"torch>=2.4" "torchvision>=0.19"
 	$(PIP) install -e ".[dev,parallel,slurm]"
 	$(PY) -c "import torch, torchvision, hydra, omegaconf; print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| hydra', hydra.__version__)"
 	echo $(TORCH) > $(STAMP)
 
-install: $(STAMP) ## create .venv with the torch build TORCH=cu126|cu128|cu130|cpu and the package with all extras
+install: $(STAMP) ## create .venv with the torch build TORCH=pypi|cu126|cu128|cu130|cpu and the package with all extras
 
 test: $(STAMP) ## install if needed, then run the default test suite (CPU, no network, a few minutes)
 	$(VENV)/bin/pytest -q
