@@ -1,8 +1,5 @@
 #!/usr/bin/env python
-"""`make bench`: a typical PyTorch reproduction vs our runner, side by side -> results/bench/bench-<device>.md/.json.
-
-Thin entry over resnet_repro.bench (package); `python scripts/bench.py --help` lists the options.
-"""
+"""`make bench` -> results/bench/bench-<device>.md/.json; the code is resnet_repro/bench/, `--help` the options."""
 
 import sys
 

@@ -1,260 +1,179 @@
-"""Timing one architecture's configs in interleaved rounds; checkpoint overhead; profiles."""
+"""The timings: one arch's rows interleaved in rounds on one device, and K processes training there at once."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import logging
-import re
-import shutil
+import multiprocessing as mp
+import os
+import queue
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from resnet_repro.bench.baseline import BaselineRunner
-from resnet_repro.bench.helpers import slug, sync
-from resnet_repro.bench.ours import OursRunner
-from resnet_repro.bench.variants import BF16_CPU_MAX_SLOWDOWN, PAPER_ITERATIONS, Planned, arch_name
-from resnet_repro.checkpoint import CHECKPOINT_NAME, save_checkpoint
-from resnet_repro.data import DeviceData, ImageArrays
+from resnet_repro.bench.helpers import random_cifar, sync
+from resnet_repro.bench.rows import Row, skip_reason
+from resnet_repro.bench.runners import RECIPE, Baseline, Ours, make_runner
+from resnet_repro.data import ImageArrays
+from resnet_repro.device import use_cuda_device
 
 log = logging.getLogger(__name__)
 
+BF16_CPU_MAX_SLOWDOWN = 3.0  # bf16 rows are skipped on a CPU where bf16 is this many times slower than fp32
+K_TIMEOUT_S = 1800.0  # how long the K processes may take to warm up and train
+
 
 @dataclass
-class Row:
-    """One (arch, config) line of the table."""
+class Result:
+    """One (arch, row) line of the report; ms_per_iter is the median window, speedup is vs the baseline's."""
 
     arch: str
-    config: str
-    label: str
-    settings: str
+    row: Row
     status: str = "ok"  # ok | skipped | failed
     note: str = ""
-    windows_ms: list[float] = field(default_factory=list)
-    windows_cpu_share: list[float] = field(default_factory=list)  # process CPU time / (wall x threads), CPU only
+    build_s: float = 0.0  # wall time to build the runner and run its warm-up iterations
+    windows_ms: list[float] = field(default_factory=list)  # ms/iter of each timed window, in run order
     ms_per_iter: float | None = None
-    best_ms: float | None = None  # fastest window: on a shared machine, the least disturbed one
     img_per_s: float | None = None
     projected_64k_s: float | None = None
-    one_time_s: float | None = None
-    one_time_note: str = ""
+    one_time_s: float | None = None  # build_s minus the warm-up iterations at ms_per_iter: compile, capture, workers
     speedup: float | None = None
-    peak_mem_mb: float | None = None
-    peak_mem_note: str = ""
-
-    def finish(self, batch_size: int, warmup_wall_s: float, warmup_iters: int) -> None:
-        """Median, throughput, projection and one-time cost from the recorded windows."""
-        self.ms_per_iter = statistics.median(self.windows_ms)
-        self.best_ms = min(self.windows_ms)
-        self.img_per_s = batch_size * 1000.0 / self.ms_per_iter
-        self.projected_64k_s = self.ms_per_iter * PAPER_ITERATIONS / 1000.0
-        self.one_time_s = max(0.0, warmup_wall_s - warmup_iters * self.ms_per_iter / 1000.0)
 
 
-def _set_cudnn(runner) -> None:
-    if torch.backends.cudnn.is_available():
-        torch.backends.cudnn.benchmark = runner.cudnn_benchmark()
-
-
-def measure_arch(
-    arch: str,
-    depth: int,
-    plan: list[Planned],
-    args: argparse.Namespace,
-    device: torch.device,
-    arrays: ImageArrays,
-    order: list[dict],
-    on_round: Callable[[list[Row], int], None] | None = None,
-) -> tuple[list[Row], Any]:
-    """Warm up every runnable config of one arch, then time them in interleaved rounds; returns rows and the
-    fastest of our runners (for the checkpoint measurement). `on_round(rows so far, rounds done)` is called after
-    each round with summarised copies, so a caller can save what is measured as it comes."""
-    name = arch_name(arch, depth)
-    shared = DeviceData(arrays, None, device, "pixel_mean", True, seed=0)
-    rows: list[Row] = []
-    runners: dict[str, Any] = {}
-    warm_wall: dict[str, float] = {}
-    bf16_skip: str | None = None
-    for p in plan:
-        v = p.variant
-        if bf16_skip and v.precision == "bf16" and device.type == "cpu":
-            v = replace(v, precision="fp32", label=v.label.replace("+ bf16 autocast", "(fp32)"))
-        row = Row(name, v.key, v.label, v.settings())
-        rows.append(row)
-        if p.skip:
-            row.status, row.note = "skipped", p.skip
-            continue
-        attempts = [v] + ([replace(v, compile=False)] if v.graphs and v.compile else [])
-        runner = None
-        for attempt in attempts:
-            try:
-                t0 = time.perf_counter()
-                if attempt.pipeline == "baseline":
-                    runner = BaselineRunner(arch, depth, arrays, device, args.batch_size, args.workers)
-                else:
-                    runner = OursRunner(arch, depth, attempt, shared, args.batch_size)
-                _set_cudnn(runner)
-                runner.prepare(args.warmup)
-                sync(device)
-                warm_wall[v.key] = time.perf_counter() - t0
-                row.one_time_note, row.settings = runner.one_time_note, attempt.settings()
-                break
-            except Exception as exc:  # noqa: BLE001 - a config that cannot run is reported, the others go on
-                log.exception("%s %s (%s) failed to start", name, v.key, attempt.settings())
-                runner = None
-                failure = f"{attempt.settings()}: {type(exc).__name__}: {exc}"[:300]
-                row.note = (row.note + "; " if row.note else "") + failure
-        if runner is None:
-            row.status = "failed"
-            continue
-        if device.type == "cpu" and v.key == "ours-2" and "ours-1" in runners:
-            # Is bf16 usable on this CPU at all? Compare one timed iteration of each after warm-up.
-            t_fp32 = _time_window(runners["ours-1"], 2, device)
-            t_bf16 = _time_window(runner, 2, device)
-            if t_bf16 > BF16_CPU_MAX_SLOWDOWN * t_fp32:
-                bf16_skip = f"bf16 on this CPU: {t_bf16:.0f} ms/iter vs fp32 {t_fp32:.0f} (>{BF16_CPU_MAX_SLOWDOWN}x)"
-                row.status, row.note = "skipped", bf16_skip
-                runner.close()
-                continue
-        runners[v.key] = runner
-    for rnd in range(args.windows):
-        for row in rows:
-            runner = runners.get(row.config)
-            if runner is None or row.status != "ok":
-                continue
-            _set_cudnn(runner)
-            extra = None
-            if device.type == "cuda":
-                sync(device)
-                base = torch.cuda.memory_allocated(device)
-                torch.cuda.reset_peak_memory_stats(device)
-            try:
-                ms, share = _time_window_share(runner, args.iters, device)
-            except Exception as exc:  # noqa: BLE001
-                log.exception("%s %s failed", name, row.config)
-                row.status, row.note = "failed", f"{type(exc).__name__}: {exc}"[:300]
-                continue
-            if device.type == "cuda":
-                extra = torch.cuda.max_memory_allocated(device) - base
-                extra = max(extra, getattr(runner, "capture_peak_extra", 0))
-                peak = (extra + runner.resident_bytes()) / 2**20
-                row.peak_mem_mb = max(row.peak_mem_mb or 0.0, peak)
-            row.windows_ms.append(ms)
-            if device.type == "cpu":
-                row.windows_cpu_share.append(round(share, 3))
-            order.append({"seq": len(order), "arch": name, "config": row.config, "round": rnd, "ms_per_iter": ms})
-            log.info("%s round %d %-8s %8.2f ms/iter", name, rnd, row.config, ms)
-        if on_round is not None and rnd + 1 < args.windows:
-            partial = copy.deepcopy(rows)
-            _summarise(partial, warm_wall, args, device)
-            on_round(partial, rnd + 1)
-    _summarise(rows, warm_wall, args, device)
-    ours_ok = [r for r in rows if r.status == "ok" and r.ms_per_iter and r.config != "baseline"]
-    fastest = min(ours_ok, key=lambda r: r.ms_per_iter) if ours_ok else None
-    for key, runner in runners.items():
-        if fastest is None or key != fastest.config:
-            runner.close()
-    return rows, (runners.get(fastest.config), fastest) if fastest else (None, None)
-
-
-def _summarise(rows: list[Row], warm_wall: dict[str, float], args: argparse.Namespace, device: torch.device) -> None:
-    """Medians, throughput, projections and speedups (vs this arch's baseline) from the windows timed so far."""
-    baseline_ms = None
-    for row in rows:
-        if row.status == "ok" and row.windows_ms:
-            row.finish(args.batch_size, warm_wall[row.config], args.warmup)
-            if row.config == "baseline":
-                baseline_ms = row.ms_per_iter
-        if device.type == "cuda":
-            row.peak_mem_note = (
-                "max_memory_allocated in a window - allocated before + own weights/grads/state/data; "
-                "CUDA-graph rows: the capture's peak"
-            )
-        else:
-            row.peak_mem_note = "n/a on CPU (process-wide ru_maxrss cannot be split between interleaved configs)"
-    for row in rows:
-        if baseline_ms and row.ms_per_iter:
-            row.speedup = baseline_ms / row.ms_per_iter
-
-
-def _time_window(runner, iters: int, device: torch.device) -> float:
-    """ms/iter of `iters` iterations, device synchronised at both ends."""
-    return _time_window_share(runner, iters, device)[0]
-
-
-def _time_window_share(runner, iters: int, device: torch.device) -> tuple[float, float]:
-    """(ms/iter, share of the CPU this process got: process CPU time / (wall time x torch threads))."""
+def time_window(runner: Baseline | Ours, iters: int, device: torch.device) -> float:
+    """ms per iteration over `iters` iterations, the device synchronised at both ends."""
     sync(device)
-    t0, c0 = time.perf_counter(), time.process_time()
+    began = time.perf_counter()
     runner.run(iters)
     sync(device)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return 1000.0 * wall / iters, cpu / (wall * torch.get_num_threads())
+    return 1000.0 * (time.perf_counter() - began) / iters
 
 
-def default_checkpoint_interval() -> int:
-    """`trainer.checkpoint_every`'s default (from the schema; from configs/trainer/default.yaml without Hydra)."""
+def start(result: Result, arch: str, depth: int, opts: argparse.Namespace, device: torch.device,
+          arrays: ImageArrays) -> Baseline | Ours | None:  # fmt: skip
+    """The row's runner, built and warmed up (the wall time in `result.build_s`); None when that failed."""
+    began = time.perf_counter()
     try:
-        from resnet_repro.config import TrainerConfig  # needs hydra-core, which a bare GPU image may lack
-    except ImportError:
-        text = (Path(__file__).resolve().parents[1] / "configs" / "trainer" / "default.yaml").read_text()
-        return int(re.search(r"^checkpoint_every:\s*(\d+)", text, re.MULTILINE).group(1))
-    return TrainerConfig().checkpoint_every
-
-
-def measure_checkpoint(runner: OursRunner, row: Row, root: Path, repeats: int) -> dict[str, Any]:
-    """Time `save_checkpoint` of checkpoints/last.pt (as fit writes it) and its share of wall time."""
-    interval = default_checkpoint_interval()
-    path = root / slug(row.arch) / "checkpoints" / CHECKPOINT_NAME
-    times = []
-    try:
-        for _ in range(repeats):
-            sync(runner.device)
-            t0 = time.perf_counter()
-            save_checkpoint(path, runner.checkpoint_state())
-            times.append(1000.0 * (time.perf_counter() - t0))
-        size = path.stat().st_size
-    finally:
-        shutil.rmtree(root / slug(row.arch), ignore_errors=True)
-        with contextlib.suppress(OSError):
-            root.rmdir()  # only if now empty
-    write_ms = statistics.median(times)
-    interval_ms = interval * row.ms_per_iter
-    return {
-        "arch": row.arch,
-        "config": row.config,
-        "file_bytes": size,
-        "write_ms": write_ms,
-        "write_ms_all": times,
-        "interval_iters": interval,
-        "ms_per_iter": row.ms_per_iter,
-        "interval_s": interval_ms / 1000.0,
-        "overhead_pct": 100.0 * write_ms / (interval_ms + write_ms),
-        "per_64k_run_s": (PAPER_ITERATIONS // interval) * write_ms / 1000.0,
-        "filesystem_dir": str(root),
-    }
-
-
-def profile_runner(runner, iters: int, device: torch.device, out: Path) -> str:
-    """torch.profiler over `iters` iterations; writes the top operators to `out` and returns the table."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    runner.run(2)
-    sync(device)
-    with profile(activities=activities) as prof:
-        runner.run(iters)
+        runner = make_runner(result.row, arch, depth, arrays, device, opts.batch_size, opts.workers)
+        runner.run(opts.warmup)
         sync(device)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=30)
-    out.write_text(
-        f"# torch.profiler, {iters} iterations of {runner.variant.key} ({runner.variant.settings()})\n{table}\n"
-    )
-    return table
+    except Exception as exc:  # noqa: BLE001 - a row that cannot run is reported, the others go on
+        log.error("%s %s failed", result.arch, result.row.key, exc_info=exc)
+        result.status, result.note = "failed", f"{type(exc).__name__}: {exc}"[:300]
+        return None
+    result.build_s = time.perf_counter() - began
+    return runner
+
+
+def bf16_verdict(bf16: Baseline | Ours, fp32: Baseline | Ours | None, device: torch.device) -> str | None:
+    """Why bf16 rows are skipped on this CPU (bf16 over 3x slower than fp32: no native bf16), or None."""
+    if fp32 is None:
+        return None
+    ms_fp32, ms_bf16 = time_window(fp32, 2, device), time_window(bf16, 2, device)
+    if ms_bf16 <= BF16_CPU_MAX_SLOWDOWN * ms_fp32:
+        return None
+    return f"bf16 on this CPU: {ms_bf16:.1f} ms/iter vs fp32 {ms_fp32:.1f} (>{BF16_CPU_MAX_SLOWDOWN:g}x)"
+
+
+def summarise(results: list[Result], opts: argparse.Namespace) -> None:
+    """Median ms/iter, img/s, 64k projection, one-time cost and speedup vs the baseline, from the windows so far."""
+    timed = [r for r in results if r.status == "ok" and r.windows_ms]
+    for r in timed:
+        r.ms_per_iter = statistics.median(r.windows_ms)
+        r.img_per_s = opts.batch_size * 1000.0 / r.ms_per_iter
+        r.projected_64k_s = r.ms_per_iter * RECIPE.max_iter / 1000.0
+        r.one_time_s = max(0.0, r.build_s - opts.warmup * r.ms_per_iter / 1000.0)
+    base = next((r.ms_per_iter for r in timed if r.row.key == "baseline"), None)
+    for r in timed:
+        r.speedup = base / r.ms_per_iter if base else None
+
+
+def measure_arch(arch: str, depth: int, rows: list[Row], opts: argparse.Namespace, device: torch.device,
+                 arrays: ImageArrays, results: list[Result], save: Callable[[str], object],
+                 bf16_skip: str | None = None) -> str | None:  # fmt: skip
+    """Warm up this arch's rows in table order, then time each once per round, saving after every round; returns
+    why bf16 rows are skipped on this CPU (None: they run)."""
+    mine = [Result(f"{arch}-{depth}", row) for row in rows]
+    results += mine
+    runners: dict[str, Baseline | Ours] = {}
+    for r in mine:
+        bf16_note = bf16_skip if r.row.precision == "bf16" else None
+        r.note = skip_reason(r.row, device, opts.compile_on_cpu, opts.batch_size) or bf16_note or ""
+        runner = None if r.note else start(r, arch, depth, opts, device, arrays)
+        if runner is not None and r.row.precision == "bf16" and device.type == "cpu":
+            fp32 = [runners[x.row.key] for x in mine if x.row.key in runners and x.row.precision == "fp32"]
+            bf16_skip = bf16_verdict(runner, fp32[-1] if fp32 else None, device)  # vs the nearest fp32 row above
+            if bf16_skip:
+                runner, r.note = None, bf16_skip
+        if runner is not None:
+            runners[r.row.key] = runner
+        elif r.status == "ok":
+            r.status = "skipped"
+    for done in range(1, opts.windows + 1):
+        for r in (r for r in mine if r.status == "ok"):
+            r.windows_ms.append(time_window(runners[r.row.key], opts.iters, device))
+            log.info("%s round %d %-9s %9.2f ms/iter", r.arch, done, r.row.key, r.windows_ms[-1])
+        summarise(mine, opts)
+        save(f"{done} of {opts.windows} rounds of {arch}-{depth}")
+    return bf16_skip
+
+
+def k_worker(opts: argparse.Namespace, row: Row, arch: str, depth: int, device: torch.device, threads: int,
+             seed: int, go: Any, answers: Any) -> None:  # fmt: skip
+    """One of the K processes: build and warm up, say so (None), train when told; answers (start, end) or its error."""
+    try:
+        torch.set_num_threads(threads)
+        if device.type == "cuda":
+            use_cuda_device(device)
+        runner = make_runner(row, arch, depth, random_cifar(opts.k_num_images, 8, seed), device, opts.batch_size, 0)
+        runner.run(opts.warmup)
+        sync(device)
+        answers.put(None)
+        go.recv()  # EOFError, so the process ends, if the parent (the pipe's only writer) is gone
+        began = time.monotonic()
+        runner.run(opts.k_iters)
+        sync(device)
+        answers.put((began, time.monotonic()))
+    except Exception as exc:  # noqa: BLE001 - the parent reports it
+        answers.put(f"{type(exc).__name__}: {exc}"[:500])
+
+
+def gather(answers: Any, k: int) -> list[Any]:
+    """`k` answers of the K processes, or fewer up to the first error (a string)."""
+    said: list[Any] = []
+    while len(said) < k and not (said and isinstance(said[-1], str)):
+        try:
+            said.append(answers.get(timeout=K_TIMEOUT_S))
+        except queue.Empty:
+            said.append(f"no answer in {K_TIMEOUT_S:.0f} s")
+    return said
+
+
+def measure_k(arch: str, depth: int, k: int, row: Row, opts: argparse.Namespace, device: torch.device) -> dict:
+    """Aggregate img/s of `k` processes training `row`, started together when all are warm: first start to last end."""
+    threads = (opts.threads or max(1, (os.cpu_count() or 1) // k)) if device.type == "cpu" else 1
+    ctx = mp.get_context("spawn")  # a fresh interpreter each: a process that uses CUDA cannot be forked
+    answers, pipes = ctx.Queue(), [ctx.Pipe(duplex=False) for _ in range(k)]
+    work = [(opts, row, arch, depth, device, threads, seed, go, answers) for seed, (go, _) in enumerate(pipes)]
+    procs = [ctx.Process(target=k_worker, args=args, daemon=True) for args in work]
+    for p in procs:
+        p.start()
+    said = gather(answers, k)  # k Nones: all are warm
+    if not any(isinstance(s, str) for s in said):
+        for _, tell in pipes:
+            tell.send("go")
+        said = gather(answers, k)
+    errors = [s for s in said if isinstance(s, str)]
+    for p in procs:
+        if errors:
+            p.kill()  # nothing it does now is measured
+        p.join()
+    entry = {"arch": f"{arch}-{depth}", "row": row.key, "k": k, "threads_per_process": threads}
+    if errors:
+        return {**entry, "status": "failed", "note": errors[0]}
+    wall = max(end for _, end in said) - min(began for began, _ in said)
+    return {**entry, "status": "ok", "wall_s": wall, "img_per_s": k * opts.k_iters * opts.batch_size / wall}
