@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
 from resnet_repro.results import unique_runs
 from resnet_repro.run_files import FAILED_NAME, METRICS_NAME, PLAN_JSON, SUMMARY_JSON, data_dir_name
 
@@ -109,18 +111,19 @@ def hydra_quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def experiment_file(experiment: str) -> DictConfig:
+    """An experiment file as written (its own keys, not composed with the defaults)."""
+    return OmegaConf.load(CONFIG_DIR / "experiment" / f"{experiment}.yaml")
+
+
 def experiment_dir_name(experiment: str) -> str:
-    """The `experiment:` value an experiment file sets (its runs go to runs_dir/<that>)."""
-    text = (CONFIG_DIR / "experiment" / f"{experiment}.yaml").read_text()
-    match = re.search(r"^experiment:\s*(\S+)\s*$", text, flags=re.MULTILINE)
-    return match.group(1) if match else experiment
+    """The `experiment:` value an experiment file sets (its runs go to runs_dir/<data>/<that>)."""
+    return experiment_file(experiment).get("experiment", experiment)
 
 
 def quick_lr() -> str:
     """The learning rate of experiment `quick` (it differs from the paper's; the titles say so)."""
-    text = (CONFIG_DIR / "experiment" / "quick.yaml").read_text()
-    match = re.search(r"^\s+lr:\s*(\S+)\s*$", text, flags=re.MULTILINE)
-    return match.group(1) if match else "?"
+    return str(experiment_file("quick").optim.lr)
 
 
 def train_command(experiment: Experiment, args: argparse.Namespace) -> list[str]:
