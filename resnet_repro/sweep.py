@@ -10,6 +10,10 @@ and exits with status 4 (EXIT_SWEEP_FAILED) when a run failed or is incomplete, 
 - skipped: metrics.json existed before the sweep started (train.py does not train it again);
 - failed: failed.json was written during this sweep (its error line is shown);
 - incomplete: neither (killed, never started, or its job crashed); rerunning the same command resumes it.
+
+With `hydra/launcher=slurm` on a cluster without accounting (`AccountingStorageType=accounting_storage/none`, as on
+a single-machine Slurm), the callback also has submitit read job states from `squeue` instead of `sacct`
+(`use_squeue_without_slurm_accounting`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +38,11 @@ from resnet_repro.run_lock import holder
 from resnet_repro.tracking import now_iso
 
 STATUSES = ("finished", "skipped", "failed", "incomplete")
+SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+# The state given to a job that squeue no longer lists (see SqueueWatcher): it has ended, and without accounting
+# Slurm no longer knows how. submitit then reads the job's result file (every normal end writes one, a requeue
+# included), or reports the job as "has not produced any output (state: ENDED)" with its log.
+SQUEUE_GONE_STATE = "ENDED"
 EXIT_SWEEP_FAILED = 4  # failed or incomplete runs at the end (train.py: 1 failed, 2 config, 3 preempted, 5 busy)
 
 
@@ -145,6 +156,62 @@ def format_summary(sweep_dir: str, rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def slurm_accounting_disabled() -> bool:
+    """Does the Slurm cluster of this machine's configuration (`scontrol show config`) run without accounting?
+    False when there is no Slurm here or it cannot be asked."""
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return re.search(r"^AccountingStorageType\s*=\s*accounting_storage/none\s*$", out, flags=re.MULTILINE) is not None
+
+
+def _squeue_watcher_class() -> type:
+    """submitit's SlurmInfoWatcher, reading job states from squeue (defined here: submitit is an optional extra)."""
+    from submitit.slurm.slurm import SlurmInfoWatcher
+
+    class SqueueWatcher(SlurmInfoWatcher):
+        """Job states from `squeue --states=all` (which lists every job the controller still holds, MinJobAge after
+        its end) instead of `sacct`, for clusters without accounting. A job squeue no longer lists has ended."""
+
+        def _make_command(self) -> list[str] | None:
+            if super()._make_command() is None:  # no job left to follow
+                return None
+            return ["squeue", "--noheader", "--array", "--states=all", f"--user={os.getuid()}",
+                    "--format=%i|%T|%N"]  # fmt: skip
+
+        def read_info(self, string: bytes | str) -> dict[str, dict[str, str]]:
+            text = string.decode() if isinstance(string, bytes) else string
+            info = super().read_info("JobID|State|NodeList\n" + text)  # sacct's header, so sacct's parser reads it
+            for job_id in self._registered - self._finished:
+                if job_id not in info:
+                    info[job_id] = {"JobID": job_id, "State": SQUEUE_GONE_STATE, "NodeList": ""}
+            return info
+
+    return SqueueWatcher
+
+
+def use_squeue_without_slurm_accounting(config: DictConfig) -> bool:
+    """Under hydra/launcher=slurm on a cluster without accounting, make submitit follow its jobs with squeue.
+
+    submitit asks `sacct` for the state of the jobs it waits for. Without accounting (a single-machine Slurm,
+    `AccountingStorageType=accounting_storage/none`) every poll fails, and prints "Slurm accounting storage is
+    disabled" and a three-times-repeated "Bypassing sacct error ... status may be inaccurate" warning: noise over
+    the sweep's progress. Worse, the states stay unknown, so a job that dies without a result file (killed before
+    Python started, out of memory) is waited for forever. squeue knows every job the controller holds, so with it
+    the warnings are gone and such a job ends the wait. Clusters with accounting keep sacct (it remembers jobs for
+    longer than the controller does). Returns whether squeue is now used."""
+    target = OmegaConf.select(config, "hydra.launcher._target_", default=None)
+    if target != SLURM_LAUNCHER or not slurm_accounting_disabled():
+        return False
+    from submitit.slurm import slurm
+
+    watcher_class = _squeue_watcher_class()
+    if type(slurm.SlurmJob.watcher).__name__ != watcher_class.__name__:  # once per process
+        slurm.SlurmJob.watcher = watcher_class(delay_s=600)  # submitit's own delay for its SlurmJob watcher
+    return True
+
+
 class SweepSummary(Callback):
     """Hydra callback: note finished runs when a multirun starts; print, log and save a summary when it ends."""
 
@@ -158,6 +225,10 @@ class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Plan the run directories and record which already hold metrics.json / failed.json."""
         self.started = now_iso()
+        try:
+            use_squeue_without_slurm_accounting(config)
+        except Exception as exc:  # noqa: BLE001 - submitit's own sacct polling still works, only noisier
+            print(f"warning: job states stay with sacct ({type(exc).__name__}: {exc})", file=sys.stderr)
         try:
             self.runs = planned_runs(config)
         except Exception as exc:  # noqa: BLE001 - a summary must never stop a sweep

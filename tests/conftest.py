@@ -32,3 +32,29 @@ def reference(tmp_path_factory, sample_npz: Path) -> dict[str, object]:
     from reliability_support import reference_run
 
     return reference_run(tmp_path_factory, sample_npz)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A private single-node Slurm for the session (tests/slurm_cluster.py), with SLURM_CONF pointing at it while
+    the session runs; every daemon is stopped at the end, also after a failed test. Needs root and Debian's
+    slurmctld, slurmd, slurm-client and munge: skipped without them (in CI: a failure)."""
+    from slurm_cluster import SlurmCluster, missing
+
+    why = missing()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs the private Slurm cluster: {why}")
+        pytest.skip(why)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    cluster.start()
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(cluster.conf)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        if previous is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous
