@@ -121,7 +121,7 @@ rates, the numbers within cuDNN's non-determinism):"
 bench() {
   needs_cuda
   "$PY" scripts/bench.py --arches resnet-20,resnet-110 --configs baseline,ours-3,ours-5b --windows 3 --iters 50 \
-    --warmup 10 --num-images 10000 --no-checkpoint --ks 1,2,4 --k-arches resnet-56 --k-iters 200 \
+    --warmup 10 --num-images 10000 --ks 1,2,4 --k-arches resnet-56 --k-iters 200 \
     --k-num-images 10000 --out "$OUT/bench" --tag gpu-check
 }
 
