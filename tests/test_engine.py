@@ -145,7 +145,7 @@ def test_torchrun_prints_each_line_once(sample_npz, tmp_path):
     ]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                "-m", "resnet_repro.train", *args]
-    done = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=240)
+    done = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     for line in ("iter 2/4 lr", "iter 4/4 lr", "iter 4 test err", "finished: test err"):
