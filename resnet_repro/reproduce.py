@@ -163,11 +163,11 @@ def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
-def cpu_speed_overrides(native_bf16: bool | None = None) -> list[str]:
+def cpu_speed_overrides() -> list[str]:
     """The CPU profile's numerics, the fastest measured (results/bench/bench-cpu*.md, make bench): with native bf16
     (a 2-core Zen 4) bf16 autocast trains ResNet-20/56 about 1.6x faster than fp32; without it (a 2-core Zen 1, AVX2)
     bf16 is emulated and 5-14x slower, so fp32, where channels_last is 12-13% faster than the default layout."""
-    if native_bf16 if native_bf16 is not None else cpu_has_native_bf16():
+    if cpu_has_native_bf16():
         return ["trainer.precision=bf16"]
     return ["trainer.precision=fp32", "trainer.channels_last=true"]
 

@@ -1,6 +1,7 @@
 """Collect finished runs (metrics.json + TensorBoard events) into tidy tables and plain-language verdicts.
 
-Reads only what the run-directory contract (DESIGN.md §4) promises; every number it reports comes from a run.
+Reads only what every run directory holds (metrics.json, TensorBoard events; resnet_repro/run_files.py); every
+number it reports comes from a run.
 """
 
 from __future__ import annotations

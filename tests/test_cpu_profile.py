@@ -14,14 +14,16 @@ from resnet_repro import reproduce
 from resnet_repro.train import CONFIG_DIR
 
 
-def test_native_bf16_is_read_from_the_cpu_flags(tmp_path: Path) -> None:
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path: Path, monkeypatch) -> None:
     zen4, zen1 = tmp_path / "zen4", tmp_path / "zen1"
     zen4.write_text("flags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n")
     zen1.write_text("flags\t\t: fpu sse avx2 fma sha_ni\n")
     assert reproduce.cpu_has_native_bf16(zen4) and not reproduce.cpu_has_native_bf16(zen1)
     assert not reproduce.cpu_has_native_bf16(tmp_path / "missing")
-    assert reproduce.cpu_speed_overrides(native_bf16=True) == ["trainer.precision=bf16"]
-    assert reproduce.cpu_speed_overrides(native_bf16=False) == ["trainer.precision=fp32", "trainer.channels_last=true"]
+    monkeypatch.setattr(reproduce, "cpu_has_native_bf16", lambda: True)
+    assert reproduce.cpu_speed_overrides() == ["trainer.precision=bf16"]
+    monkeypatch.setattr(reproduce, "cpu_has_native_bf16", lambda: False)
+    assert reproduce.cpu_speed_overrides() == ["trainer.precision=fp32", "trainer.channels_last=true"]
 
 
 def test_the_cpu_profile_trains_plain_then_resnet_on_the_cpu(capsys, monkeypatch) -> None:
