@@ -36,6 +36,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from resnet_repro.gpu_slots import runs_per_gpu
 from resnet_repro.results import unique_runs
 from resnet_repro.run_files import FAILED_NAME, METRICS_NAME, PLAN_JSON, SUMMARY_JSON, data_dir_name
 
@@ -406,9 +407,7 @@ def run_all(
             )
             return 2
     if args.launcher == "local":
-        from resnet_repro.runs_per_gpu import decide_for_local_sweeps
-
-        decide_for_local_sweeps()
+        runs_per_gpu()  # a bad $RESNET_REPRO_RUNS_PER_GPU stops here with one ConfigError, before any launcher
     together = args.launcher in CONCURRENT_LAUNCHERS and not args.sequential and len(experiments) > 1
     # together: the longest experiment (last in PROFILES) starts first, so its long runs take GPUs first
     for batch in [experiments[::-1]] if together else [[s] for s in experiments]:

@@ -44,14 +44,21 @@ def test_the_local_launcher_runs_gpus_times_k_jobs(monkeypatch: pytest.MonkeyPat
         local_jobs("auto")  # a bad value is an error without a GPU too
 
 
-def test_reproduce_checks_k_once_before_its_launchers(monkeypatch: pytest.MonkeyPatch) -> None:
-    from resnet_repro.runs_per_gpu import decide_for_local_sweeps
+def test_reproduce_checks_k_once_before_its_launchers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from resnet_repro import reproduce
 
-    monkeypatch.setenv(RUNS_PER_GPU_ENV, "2")
-    decide_for_local_sweeps()
+    launched: list[reproduce.Step] = []
+
+    def launch(steps: list[reproduce.Step], *_: object) -> list[int]:
+        launched.extend(steps)
+        return [0] * len(steps)
+
+    monkeypatch.setattr(reproduce, "run_steps", launch)
     monkeypatch.setenv(RUNS_PER_GPU_ENV, "auto")  # the measured K of earlier versions
+    args = ["--profile", "quick", "--data", "x.npz", "--launcher", "local", "--results-dir", str(tmp_path)]
     with pytest.raises(ConfigError, match=f"{RUNS_PER_GPU_ENV}='auto' is not valid"):
-        decide_for_local_sweeps()
+        reproduce.main(args)
+    assert not launched
 
 
 def test_the_trainer_does_not_import_the_benchmark() -> None:
