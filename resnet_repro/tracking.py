@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -95,13 +96,17 @@ class ScalarLog:
 
 
 class Progress:
-    """A tqdm bar over iterations (iteration, lr, loss, train err, img/s, ETA), or nothing."""
+    """A tqdm bar over iterations (iteration, lr, loss, train err, img/s, ETA), or nothing. While it shows, log lines
+    to the console print above the bar instead of into its line."""
 
     def __init__(self, total: int, start: int, enabled: bool, description: str) -> None:
         self.bar = None
+        self.console = contextlib.ExitStack()
         if enabled:
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
+            self.console.enter_context(logging_redirect_tqdm())
             self.bar = tqdm(total=total, initial=start, desc=description, unit="it", dynamic_ncols=True, leave=True)
 
     def update(self, iteration: int, **fields: str) -> None:
@@ -111,6 +116,7 @@ class Progress:
             self.bar.set_postfix(fields, refresh=False)
 
     def close(self) -> None:
-        """Close the bar."""
+        """Close the bar; console log lines go straight to the console again."""
         if self.bar is not None:
             self.bar.close()
+        self.console.close()
