@@ -29,7 +29,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -243,6 +243,83 @@ class Stopped(Exception):
     """SIGTERM or SIGINT reached reproduce; it was passed on to the running command, which checkpoints and exits."""
 
 
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to `proc`'s process group: the command and every worker it started, if still there."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+
+
+def silence_console() -> None:
+    """Send stdout and stderr to /dev/null: after SIGHUP the terminal is gone and writing to it would raise."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.dup2(devnull, sys.stderr.fileno())
+
+
+def start_in_own_group(cmd: list[str], log_path: Path | None) -> subprocess.Popen:
+    """Start `cmd` in a new process group, its output on the console (log_path None) or appended to log_path."""
+    if log_path is None:
+        return subprocess.Popen(cmd, start_new_session=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        return subprocess.Popen(cmd, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+
+
+class Launches:
+    """The commands started so far, and the stop signals received while they run (passed on to all of them)."""
+
+    FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        """No command started, no signal received."""
+        self.procs: list[subprocess.Popen] = []
+        self.signals: list[int] = []
+        self.stopping = threading.Event()  # wakes the stagger's wait at once
+
+    @contextlib.contextmanager
+    def forwarding_signals(self) -> Iterator[None]:
+        """Within the block, SIGTERM, SIGINT and SIGHUP stop every command started instead of reproduce."""
+        previous = {sig: signal.signal(sig, self.forward) for sig in self.FORWARDED}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def forward(self, signum: int, frame: Any) -> None:
+        """The signal handler: record the signal and SIGTERM every command's process group."""
+        if signum == signal.SIGHUP:
+            silence_console()
+        self.signals.append(signum)
+        self.stopping.set()
+        for proc in self.procs:
+            stop_group(proc)
+
+    def start(self, step: Step, log_path: Path | None) -> None:
+        """Announce `step` and start its command (stopped at once if a signal came while it was starting)."""
+        where = f"\n    output: {log_path}" if log_path else ""
+        print(f"\n=== {step.name}: {shlex.join(step.cmd)}{where}", flush=True)
+        self.procs.append(start_in_own_group(step.cmd, log_path))
+        if self.signals:  # the signal came before `forward` could see this command
+            stop_group(self.procs[-1])
+
+
+def wait_for_all(steps: Sequence[Step], procs: Sequence[subprocess.Popen], started: float) -> None:
+    """Poll until every started command has exited; record each one's exit code, status and wall time, and with
+    several steps print each one's end as it comes."""
+    several = len(steps) > 1
+    running = list(zip(steps, procs))
+    while running:
+        for step, proc in running:
+            if proc.poll() is not None:
+                step.rc, step.wall_s = proc.returncode, round(time.perf_counter() - started, 1)
+                step.status = "ok" if step.rc == 0 else "failed"
+                if several:
+                    print(f"=== {step.name}: exit {step.rc} after {step.wall_s:.0f} s", flush=True)
+        running = [(step, proc) for step, proc in running if step.rc is None]
+        time.sleep(0.2 if several else 0.05)
+
+
 def run_steps(steps: Sequence[Step], logs: Sequence[Path | None], stagger_s: float = 0.0) -> list[int]:
     """Run the commands at once, each with its output on the console (log None) or appended to its log file;
     wait for all; return their process ids.
@@ -253,59 +330,21 @@ def run_steps(steps: Sequence[Step], logs: Sequence[Path | None], stagger_s: flo
     boundary and exits. (Slurm jobs run on: `scancel` stops them. A SIGKILL of reproduce reaches no command.)
     With several commands, each starts `stagger_s` after the previous one, so the first ones' runs take their GPU
     slots first."""
-    procs: list[subprocess.Popen] = []
-    stopped: list[int] = []
-    stopping = threading.Event()  # wakes the stagger's wait at once
-
-    def stop(proc: subprocess.Popen) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-
-    def forward(signum: int, frame: Any) -> None:
-        if signum == signal.SIGHUP:  # the terminal is gone: writing to it would raise from here on
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.dup2(devnull, sys.stderr.fileno())
-        stopped.append(signum)
-        stopping.set()
-        for proc in procs:
-            stop(proc)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    tic = time.perf_counter()
-    try:
+    launches = Launches()
+    started = time.perf_counter()
+    with launches.forwarding_signals():
         for i, (step, log_path) in enumerate(zip(steps, logs, strict=True)):
             if i and stagger_s:
-                stopping.wait(stagger_s)
-            if stopped:
+                launches.stopping.wait(stagger_s)
+            if launches.signals:
                 break
-            where = f"\n    output: {log_path}" if log_path else ""
-            print(f"\n=== {step.name}: {shlex.join(step.cmd)}{where}", flush=True)
-            if log_path is None:
-                procs.append(subprocess.Popen(step.cmd, start_new_session=True))
-            else:
-                log_path.parent.mkdir(parents=True, exist_ok=True)
-                with open(log_path, "a") as log:
-                    procs.append(
-                        subprocess.Popen(step.cmd, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
-                    )
-            if stopped:  # the signal came while this one was starting, before `forward` could see it
-                stop(procs[-1])
-        while any(step.rc is None for step in steps[: len(procs)]):
-            for step, proc in zip(steps, procs):
-                if step.rc is None and proc.poll() is not None:
-                    step.rc, step.wall_s = proc.returncode, round(time.perf_counter() - tic, 1)
-                    step.status = "ok" if step.rc == 0 else "failed"
-                    if len(steps) > 1:
-                        print(f"=== {step.name}: exit {step.rc} after {step.wall_s:.0f} s", flush=True)
-            time.sleep(0.2 if len(steps) > 1 else 0.05)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if stopped:
-        names = ", ".join(s.name for s in steps[: len(procs)])
-        raise Stopped(f"{names} stopped by {signal.Signals(stopped[0]).name}; rerun the same command to resume")
-    return [proc.pid for proc in procs]
+            launches.start(step, log_path)
+        wait_for_all(steps, launches.procs, started)
+    if launches.signals:
+        names = ", ".join(s.name for s in steps[: len(launches.procs)])
+        signal_name = signal.Signals(launches.signals[0]).name
+        raise Stopped(f"{names} stopped by {signal_name}; rerun the same command to resume")
+    return [proc.pid for proc in launches.procs]
 
 
 def run_step(step: Step) -> int:
@@ -349,92 +388,125 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the profile's steps; print a summary; exit 1 if any step failed, 2 if the data could not be had."""
+    """Run the profile's steps; print a summary; exit 1 if any step failed, 2 if the data could not be had or the
+    profile's GPU is missing, 3 if stopped by a signal."""
     args = parse_args(argv)
-    experiments = PROFILES[args.profile]
-    out = results_dir(args)
-    steps: list[Step] = []
+    steps = [Step(f"experiment {e.name}", train_command(e, args), experiment=e.name) for e in PROFILES[args.profile]]
     if not args.data:
-        steps.append(Step("download", [sys.executable, "-m", "resnet_repro.download", "--root", args.data_root]))
-    steps += [Step(f"experiment {e.name}", train_command(e, args), experiment=e.name) for e in experiments]
-    plot_cmd = [sys.executable, "-m", "resnet_repro.plot"]
-    suffix = TITLE_SUFFIX[args.profile].format(lr=quick_lr())
-    plot_tail = ["--out", str(out)] + (["--title-suffix", suffix] if suffix else [])
-
+        steps.insert(0, Step("download", [sys.executable, "-m", "resnet_repro.download", "--root", args.data_root]))
     if args.dry_run:
-        for step in steps:
-            print(shlex.join(step.cmd))
-        runs = Path(args.runs_dir) / data_slug(args)
-        sweep_dirs = dict.fromkeys(str(runs / experiment_dir_name(e.name)) for e in experiments)
-        print(shlex.join(plot_cmd + ["<run dirs of the sweeps above>"] + plot_tail))
-        print(
-            f"# <run dirs of the sweeps above>: from {', '.join(f'{d}/{SUMMARY_JSON}' for d in sweep_dirs)}, "
-            "one per configuration"
-        )
+        print_commands(args, steps)
         return 0
-
     problem = missing_gpu(args)
     if problem:
         print(f"reproduce: {problem}", file=sys.stderr)
         return 2
     try:
-        return run_all(args, steps, plot_cmd, plot_tail, out, argv)
+        return run_all(args, steps, argv)
     except Stopped as exc:
         print(f"\nreproduce: {exc}", file=sys.stderr)
         return EXIT_STOPPED
 
 
-def run_all(
-    args: argparse.Namespace,
-    steps: list[Step],
-    plot_cmd: list[str],
-    plot_tail: list[str],
-    out: Path,
-    argv: Sequence[str] | None,
-) -> int:
+def sweep_dir(args: argparse.Namespace, experiment: str) -> Path:
+    """Where an experiment's sweep writes its runs and its sweep_summary.json."""
+    return Path(args.runs_dir) / data_slug(args) / experiment_dir_name(experiment)
+
+
+def plot_command(args: argparse.Namespace, run_dirs: Sequence[str]) -> list[str]:
+    """The command that draws `run_dirs` into the profile's results directory."""
+    suffix = TITLE_SUFFIX[args.profile].format(lr=quick_lr())
+    title = ["--title-suffix", suffix] if suffix else []
+    return [sys.executable, "-m", "resnet_repro.plot", *run_dirs, "--out", str(results_dir(args)), *title]
+
+
+def print_commands(args: argparse.Namespace, steps: Sequence[Step]) -> None:
+    """--dry-run: every command, the plot's with a placeholder for the run directories it would get."""
+    for step in steps:
+        print(shlex.join(step.cmd))
+    print(shlex.join(plot_command(args, ["<run dirs of the sweeps above>"])))
+    summaries = dict.fromkeys(f"{sweep_dir(args, s.experiment)}/{SUMMARY_JSON}" for s in steps if s.experiment)
+    print(f"# <run dirs of the sweeps above>: from {', '.join(summaries)}, one per configuration")
+
+
+def run_all(args: argparse.Namespace, steps: list[Step], argv: Sequence[str] | None) -> int:
     """Run download, experiments and plot; print the summary and write reproduce.json; return the exit status."""
     started = time.time()
     for i, step in enumerate(steps):
         step.name = f"[{i + 1}/{len(steps) + 1}] {step.name}"
-    experiments = [s for s in steps if s.experiment is not None]
-    for download in (s for s in steps if s.experiment is None):
-        run_step(download)
-        if download.rc != 0:
+    if not download([s for s in steps if s.experiment is None]):
+        return 2
+    if args.launcher == "local":
+        runs_per_gpu()  # a bad $RESNET_REPRO_RUNS_PER_GPU stops here with one ConfigError, before any launcher
+    run_experiments(args, [s for s in steps if s.experiment is not None])
+    run_dirs = plot(args, steps)
+    print_summary(args, steps, started)
+    write_record(args, steps, run_dirs, started, argv)
+    return 1 if any(s.status != "ok" for s in steps) else 0
+
+
+def download(steps: Sequence[Step]) -> bool:
+    """Run the download step, if any; False, having said so, when it failed."""
+    for step in steps:
+        run_step(step)
+        if step.rc != 0:
             print(
-                f"\nreproduce: the download failed (exit {download.rc}); nothing else was run. Check the network, "
+                f"\nreproduce: the download failed (exit {step.rc}); nothing else was run. Check the network, "
                 "or pass --data FILE.npz.",
                 file=sys.stderr,
             )
-            return 2
-    if args.launcher == "local":
-        runs_per_gpu()  # a bad $RESNET_REPRO_RUNS_PER_GPU stops here with one ConfigError, before any launcher
+            return False
+    return True
+
+
+def run_experiments(args: argparse.Namespace, experiments: Sequence[Step]) -> None:
+    """Run the experiments' multiruns and fill each step from its sweep. With a concurrent launcher they run
+    together, each one's output in its sweep's reproduce.log, the longest (last in PROFILES) started first so its
+    long runs take GPUs first; otherwise one after another with the output on the console."""
     together = args.launcher in CONCURRENT_LAUNCHERS and not args.sequential and len(experiments) > 1
-    # together: the longest experiment (last in PROFILES) starts first, so its long runs take GPUs first
     for batch in [experiments[::-1]] if together else [[s] for s in experiments]:
-        sweep_dirs = [Path(args.runs_dir) / data_slug(args) / experiment_dir_name(s.experiment) for s in batch]
+        sweep_dirs = [sweep_dir(args, s.experiment) for s in batch]
         logs = [d / REPRODUCE_LOG for d in sweep_dirs] if together else [None]
         pids = run_steps(batch, logs, LAUNCH_STAGGER_S if together else 0.0)
-        for step, pid, sweep_dir in zip(batch, pids, sweep_dirs, strict=True):
-            collect_results(step, sweep_dir, pid)
+        for step, pid, directory in zip(batch, pids, sweep_dirs, strict=True):
+            collect_results(step, directory, pid)
 
+
+def plot(args: argparse.Namespace, steps: list[Step]) -> list[Path]:
+    """Draw the runs of every experiment, each configuration once; append the plot step to `steps`; return the run
+    directories drawn."""
     run_dirs, dropped = unique_runs([d for s in steps for d in s.run_dirs])
     for copy, original in dropped:
         print(f"reproduce: {copy} trains the same configuration as {original}; drawn once", flush=True)
-    plot = Step(f"[{len(steps) + 1}/{len(steps) + 1}] plot", plot_cmd + [str(d) for d in run_dirs] + plot_tail)
+    step = Step(f"[{len(steps) + 1}/{len(steps) + 1}] plot", plot_command(args, [str(d) for d in run_dirs]))
     if run_dirs:
-        run_step(plot)
+        run_step(step)
     else:
-        plot.status, plot.note = "failed", "no run directories to draw"
-    steps.append(plot)
+        step.status, step.note = "failed", "no run directories to draw"
+    steps.append(step)
+    return run_dirs
 
-    failed = [s for s in steps if s.status != "ok"]
+
+def print_summary(args: argparse.Namespace, steps: Sequence[Step], started: float) -> None:
+    """One line for the whole reproduction, then one per step: status, wall time, run counts, note."""
+    ok = sum(s.status == "ok" for s in steps)
     print(
-        f"\n=== reproduce --profile {args.profile}: {len(steps) - len(failed)} of {len(steps)} steps ok "
-        f"in {time.time() - started:.0f} s; results in {out}"
+        f"\n=== reproduce --profile {args.profile}: {ok} of {len(steps)} steps ok "
+        f"in {time.time() - started:.0f} s; results in {results_dir(args)}"
     )
     for s in steps:
         counts = ", ".join(f"{n} {k}" for k, n in s.counts.items() if n)
         print(f"  {s.status:<7} {s.name}  {s.wall_s or 0:.0f} s  {counts}  {s.note}".rstrip())
+
+
+def write_record(
+    args: argparse.Namespace,
+    steps: Sequence[Step],
+    run_dirs: Sequence[Path],
+    started: float,
+    argv: Sequence[str] | None,
+) -> None:
+    """results/<data>/<profile>/reproduce.json: the command, its inputs, every step and the runs drawn."""
     record = {
         "command": shlex.join(["python", "-m", "resnet_repro.reproduce", *(sys.argv[1:] if argv is None else argv)]),
         "profile": args.profile,
@@ -448,9 +520,9 @@ def run_all(
         ],
         "runs_drawn": [str(d) for d in run_dirs],
     }
+    out = results_dir(args)
     out.mkdir(parents=True, exist_ok=True)
     (out / "reproduce.json").write_text(json.dumps(record, indent=2) + "\n")
-    return 1 if failed else 0
 
 
 if __name__ == "__main__":
