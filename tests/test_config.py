@@ -19,8 +19,6 @@ CONFIGS = str(REPO / "configs")
 GROUP_OPTIONS = {
     "model": ["plain", "resnet", "preact", "bottleneck", "resnet18"],
     "data": ["cifar10", "npz"],
-    "optim": ["paper"],
-    "trainer": ["default"],
 }
 
 
