@@ -249,13 +249,6 @@ def stop_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGTERM)
 
 
-def silence_console() -> None:
-    """Send stdout and stderr to /dev/null: after SIGHUP the terminal is gone and writing to it would raise."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.dup2(devnull, sys.stderr.fileno())
-
-
 def start_in_own_group(cmd: list[str], log_path: Path | None) -> subprocess.Popen:
     """Start `cmd` in a new process group, its output on the console (log_path None) or appended to log_path."""
     if log_path is None:
@@ -265,21 +258,18 @@ def start_in_own_group(cmd: list[str], log_path: Path | None) -> subprocess.Pope
         return subprocess.Popen(cmd, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
 
 
+@dataclass
 class Launches:
     """The commands started so far, and the stop signals received while they run (passed on to all of them)."""
 
-    FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-    def __init__(self) -> None:
-        """No command started, no signal received."""
-        self.procs: list[subprocess.Popen] = []
-        self.signals: list[int] = []
-        self.stopping = threading.Event()  # wakes the stagger's wait at once
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    signals: list[int] = field(default_factory=list)
+    stopping: threading.Event = field(default_factory=threading.Event)  # wakes the stagger's wait at once
 
     @contextlib.contextmanager
     def forwarding_signals(self) -> Iterator[None]:
         """Within the block, SIGTERM, SIGINT and SIGHUP stop every command started instead of reproduce."""
-        previous = {sig: signal.signal(sig, self.forward) for sig in self.FORWARDED}
+        previous = {sig: signal.signal(sig, self.forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         try:
             yield
         finally:
@@ -288,8 +278,10 @@ class Launches:
 
     def forward(self, signum: int, frame: Any) -> None:
         """The signal handler: record the signal and SIGTERM every command's process group."""
-        if signum == signal.SIGHUP:
-            silence_console()
+        if signum == signal.SIGHUP:  # the terminal is gone: writing to it would raise from here on
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.dup2(devnull, sys.stderr.fileno())
         self.signals.append(signum)
         self.stopping.set()
         for proc in self.procs:
