@@ -36,6 +36,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from resnet_repro.errors import ConfigError
 from resnet_repro.gpu_slots import runs_per_gpu
 from resnet_repro.results import unique_runs
 from resnet_repro.run_files import FAILED_NAME, METRICS_NAME, PLAN_JSON, SUMMARY_JSON, data_dir_name
@@ -174,20 +175,20 @@ def cpu_speed_overrides() -> list[str]:
 
 
 def missing_gpu(args: argparse.Namespace) -> str | None:
-    """Why the profile cannot start here (its runs need CUDA and torch sees none), or None."""
+    """Why the profile cannot start here (its runs need CUDA, and the trainer's device check finds none), or None."""
     if device_overrides(args) != ["trainer.device=cuda"] or args.launcher in LAUNCHERS_SUBMITTING_ELSEWHERE:
         return None
-    import torch
+    from resnet_repro.config import Device
+    from resnet_repro.device import device_type  # imports torch, so only when the profile needs a GPU
 
-    if torch.cuda.is_available():
-        return None
-    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
-    return (
-        f"--profile {args.profile} trains 64,000-iteration runs on CUDA (trainer.device=cuda), but torch "
-        f"{torch.__version__} ({build}) sees no GPU on this machine; nothing was run. Install a torch build that "
-        "your NVIDIA driver supports (nvidia-smi shows the newest CUDA it can run), use --profile quick for the "
-        "CPU version, or add the override trainer.device=cpu to train the paper profile on CPU anyway."
-    )
+    try:
+        device_type(Device.cuda)
+    except ConfigError as exc:
+        return (
+            f"--profile {args.profile} trains 64,000-iteration runs on CUDA (trainer.device=cuda); nothing was run. "
+            f"{str(exc).rstrip('.')}. --profile quick is the shortened CPU version."
+        )
+    return None
 
 
 def results_dir(args: argparse.Namespace) -> Path:
