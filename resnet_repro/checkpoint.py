@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from resnet_repro import faults
 from resnet_repro.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -22,11 +21,9 @@ CHECKPOINT_NAME = "last.pt"
 FORMAT_VERSION = 1
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read the process umask once: mkstemp's files are 0600, the files we publish get the usual mode
-# What a resumed run must restore exactly; `state_digest` hashes these (plus the iteration), never the timings.
-DIGEST_KEYS = ("model", "optimizer", "scaler", "warmup", "rng")
 REQUIRED_KEYS = ("config_fingerprint", "model", "optimizer", "rng", "run_state")
 # Keys that may change between a run and its resumption without changing the run's results.
-RESUME_NEUTRAL_KEYS = ("trainer", "data.root", "data.path", "data.label", "runs_dir", "fail_at_iter")
+RESUME_NEUTRAL_KEYS = ("trainer", "data.root", "data.path", "data.label", "runs_dir")
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -64,50 +61,12 @@ def config_fingerprint(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(cleaned, sort_keys=True).encode()).hexdigest()
 
 
-def state_digest(state: Mapping[str, Any] | str | Path) -> str:
-    """sha256 (hex) of a training state, independent of memory layout and device.
-
-    Given a checkpoint (a dict with `model` and `run_state`, or the path of one), hashes the model's parameters
-    and BN buffers, the optimizer state (momentum buffers, hyper-parameters), GradScaler, warm-up and RNG state
-    and the iteration, but not wall times; two runs that end with equal digests are bit-identical where it
-    matters. Any other mapping (e.g. `model.state_dict()`) is hashed whole.
-    """
-    if isinstance(state, (str, Path)):
-        state = torch.load(state, map_location="cpu", weights_only=True)
-    if "model" in state and "run_state" in state:
-        state = {**{k: state[k] for k in DIGEST_KEYS if k in state}, "iteration": state["run_state"]["iteration"]}
-    h = hashlib.sha256()
-    _hash_into(h, state)
-    return h.hexdigest()
-
-
-def _hash_into(h, obj: Any) -> None:
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().to("cpu").contiguous()
-        h.update(f"tensor:{t.dtype}:{tuple(t.shape)}:".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    elif isinstance(obj, Mapping):
-        h.update(b"{")
-        for key in sorted(obj, key=repr):
-            h.update(repr(key).encode() + b":")
-            _hash_into(h, obj[key])
-        h.update(b"}")
-    elif isinstance(obj, (list, tuple)):
-        h.update(b"[")
-        for item in obj:
-            _hash_into(h, item)
-        h.update(b"]")
-    else:
-        h.update(f"{type(obj).__name__}:{obj!r};".encode())
-
-
-def atomic_write_bytes(path: Path, write, fault_point: str | None = None, iteration: int = -1) -> None:
+def atomic_write_bytes(path: Path, write) -> None:
     """Write a file so that readers see the old version or the new one, never a partial one.
 
     `write(f)` writes into a temp file in the same directory; it is flushed, fsynced and renamed over `path`,
     and the directory is fsynced. A failure at any point leaves `path` untouched and removes the temp file
     (a SIGKILL leaves the temp file behind: `remove_stale_temp_files` deletes it at the next start).
-    `fault_point`/`iteration` name the stages for `resnet_repro.faults` (tests only).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -116,17 +75,11 @@ def atomic_write_bytes(path: Path, write, fault_point: str | None = None, iterat
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            if fault_point:
-                faults.check(f"{fault_point}:before_fsync", iteration)
             os.fsync(f.fileno())
-        if fault_point:
-            faults.check(f"{fault_point}:before_rename", iteration)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    if fault_point:
-        faults.check(f"{fault_point}:after_rename", iteration)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -154,8 +107,7 @@ def remove_stale_temp_files(directory: Path) -> int:
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Atomically save a checkpoint (plain tensors, numbers, strings, lists and dicts only)."""
     state = {"format_version": FORMAT_VERSION, **state}
-    iteration = state.get("run_state", {}).get("iteration", -1)
-    atomic_write_bytes(path, lambda f: torch.save(state, f), fault_point="checkpoint", iteration=iteration)
+    atomic_write_bytes(path, lambda f: torch.save(state, f))
 
 
 def _load_error_reason(exc: Exception) -> str:

@@ -129,7 +129,6 @@ class TrainConfig:
     experiment: str = "default"  # name of the experiment; runs go to runs/<data>/<experiment>/<overrides>
     runs_dir: str = "runs"  # root of all run directories
     responses: bool = True  # compute Figure-7 layer-response std at the end (plain/resnet only)
-    fail_at_iter: int | None = None  # fault injection for tests of sweep safety: raise at this iteration
 
 
 def register_configs() -> None:
@@ -239,8 +238,6 @@ def validate(cfg: TrainConfig, world_size: int = 1, cuda_available: bool | None 
         _require(
             precision is not Precision.fp16, "trainer.cuda_graphs", True, "not with trainer.precision=fp16; use bf16"
         )
-    if cfg.fail_at_iter is not None:
-        _require(cfg.fail_at_iter >= 0, "fail_at_iter", cfg.fail_at_iter, "null or an iteration >= 0")
 
 
 def warmup_enabled(optim: OptimConfig, depth: int | None) -> bool:

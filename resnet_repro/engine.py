@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from resnet_repro import faults
 from resnet_repro.checkpoint import (
     CHECKPOINT_NAME,
     atomic_write_json,
@@ -67,7 +66,6 @@ class LoopOptions:
     cuda_graphs: bool = False  # GraphedIteration: captured on CUDA (eager if that fails), its body elsewhere (tests)
     progress: bool = True
     compute_responses: bool = True
-    fail_at_iter: int | None = None
     description: str = "train"
 
 
@@ -250,9 +248,6 @@ def fit(
         with StopSignal() as stop:
             while state.iteration < options.max_iter:
                 it = state.iteration
-                faults.check("step", it)
-                if options.fail_at_iter is not None and it == options.fail_at_iter:
-                    raise RuntimeError(f"fault injected at iteration {it} (fail_at_iter)")
                 lr = schedule.lr(it)
                 wrong = run_iteration(it, lr)
                 state.iteration = it + 1

@@ -54,7 +54,7 @@ class Run:
 
 # Config keys that do not change what a run computes; two finished runs equal in everything else (and in their
 # numerics: precision, BN batch) are one run (e.g. ResNet-20 seed 0 of fig6_resnet and of table6), drawn once.
-NON_RECIPE_KEYS = ("experiment", "runs_dir", "trainer", "responses", "fail_at_iter")
+NON_RECIPE_KEYS = ("experiment", "runs_dir", "trainer", "responses", "fail_at_iter")  # fail_at_iter: older runs' key
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[Path]:

@@ -218,7 +218,6 @@ def _train_on(cfg: TrainConfig, run_dir: Path, dist_info: DistInfo, device: torc
         cuda_graphs=cfg.trainer.cuda_graphs,
         progress=cfg.trainer.progress,
         compute_responses=cfg.responses,
-        fail_at_iter=cfg.fail_at_iter,
         description=f"{cfg.model.arch}-{cfg.model.depth}",
     )
     identity = {"data_sha256": data_sha256, "precision": precision.value}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import logging
 import os
 import shutil
@@ -17,9 +18,11 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
+import fault_injection.sitecustomize as faults
 import numpy as np
 import pytest
 import torch
@@ -46,6 +49,8 @@ RESUME_OVERRIDES = [
     "trainer.checkpoint_every=10",
 ]
 COMMON = ["trainer.device=cpu", f"trainer.threads={THREADS}", "trainer.progress=false", "responses=false"]
+# What a resumed run must restore exactly; `state_digest` hashes these (plus the iteration), never the timings.
+DIGEST_KEYS = ("model", "optimizer", "scaler", "warmup", "rng")
 
 
 def make_tiny_npz(sample_npz: Path, path: Path, n_train: int = N_TRAIN, n_test: int = N_TEST) -> Path:
@@ -119,14 +124,50 @@ def temp_files(directory: Path) -> list[Path]:
     return sorted(directory.glob(".*.tmp")) if directory.is_dir() else []
 
 
+def state_digest(state: Mapping[str, Any] | str | Path) -> str:
+    """sha256 (hex) of a training state, independent of memory layout and device.
+
+    Given a checkpoint (a dict with `model` and `run_state`, or the path of one), hashes the model's parameters
+    and BN buffers, the optimizer state (momentum buffers, hyper-parameters), GradScaler, warm-up and RNG state
+    and the iteration, but not wall times; two runs that end with equal digests are bit-identical where it
+    matters. Any other mapping (e.g. `model.state_dict()`) is hashed whole.
+    """
+    if isinstance(state, (str, Path)):
+        state = torch.load(state, map_location="cpu", weights_only=True)
+    if "model" in state and "run_state" in state:
+        state = {**{k: state[k] for k in DIGEST_KEYS if k in state}, "iteration": state["run_state"]["iteration"]}
+    h = hashlib.sha256()
+    _hash_into(h, state)
+    return h.hexdigest()
+
+
+def _hash_into(h, obj: Any) -> None:
+    """Feed `obj` (tensors, mappings, sequences, plain values) into the hash `h`, its structure included."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().to("cpu").contiguous()
+        h.update(f"tensor:{t.dtype}:{tuple(t.shape)}:".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, Mapping):
+        h.update(b"{")
+        for key in sorted(obj, key=repr):
+            h.update(repr(key).encode() + b":")
+            _hash_into(h, obj[key])
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[")
+        for item in obj:
+            _hash_into(h, item)
+        h.update(b"]")
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
 def cli_env(fault: str | None = None) -> dict[str, str]:
-    """Environment for a CLI subprocess: pinned threads, an optional RESNET_REPRO_FAULT, no inherited fault."""
-    dropped = ("RESNET_REPRO_FAULT", "WORLD_SIZE", "RANK", "HYDRA_FULL_ERROR")
-    env = {k: v for k, v in os.environ.items() if k not in dropped}
+    """Environment for a CLI subprocess: pinned threads, an optional fault (tests/fault_injection), no inherited
+    fault."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "HYDRA_FULL_ERROR")}
     env.update(OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
-    if fault:
-        env["RESNET_REPRO_FAULT"] = fault
-    return env
+    return faults.environment(fault, env)
 
 
 def cli_command(args: list[str]) -> list[str]:
@@ -191,7 +232,6 @@ def reference_run(tmp_path_factory, sample_npz: Path) -> dict[str, object]:
     """
     if not _REFERENCE:
         import resnet_repro.engine as engine
-        from resnet_repro.checkpoint import state_digest
 
         root = tmp_path_factory.mktemp("reference")
         npz = make_tiny_npz(sample_npz, root / "tiny.npz")
@@ -252,7 +292,6 @@ def ddp_worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
     """One gloo rank of `torch.multiprocessing.spawn`; runs each job {cfg, run_dir, nan_on: (rank, iteration) or
     None, fault_on: (rank, spec) or None} in turn and writes what happened to <run_dir>.rank<r>.txt."""
     import resnet_repro.train as train_module
-    from resnet_repro import faults
     from resnet_repro.engine import NonFiniteError, Preempted
     from resnet_repro.models import build_model
 

@@ -7,6 +7,7 @@ import errno
 import os
 import signal
 
+import fault_injection.sitecustomize as faults
 import pytest
 import torch
 from reliability_support import (  # noqa: F401  (pinned_threads: an autouse fixture)
@@ -17,11 +18,11 @@ from reliability_support import (  # noqa: F401  (pinned_threads: an autouse fix
     pinned_threads,
     run_cli,
     run_forked,
+    state_digest,
     temp_files,
     train_in_process,
 )
 
-from resnet_repro import faults
 from resnet_repro.checkpoint import (
     atomic_write_bytes,
     load_checkpoint,
@@ -29,7 +30,6 @@ from resnet_repro.checkpoint import (
     restore_rng_state,
     rng_state,
     save_checkpoint,
-    state_digest,
 )
 from resnet_repro.errors import ConfigError
 from resnet_repro.models import build_model

@@ -118,7 +118,7 @@ def test_paper_experiments_keep_the_recipe(loader, experiment: str) -> None:
         assert list(o.milestones) == [32000, 48000] and o.max_iter == 64000
         assert o.warmup is None  # on exactly for depth >= 110 (config.warmup_enabled)
         assert (d.batch_size, d.val_split, d.augment, enum_value(d.normalize)) == (128, 0, True, "pixel_mean")
-        assert job.model.bn_group == 0 and job.fail_at_iter is None
+        assert job.model.bn_group == 0
 
 
 def recipe(job: DictConfig) -> str:

@@ -13,6 +13,7 @@ import copy
 import json
 import shutil
 
+import fault_injection.sitecustomize as faults
 import pytest
 import torch
 from reliability_support import (  # noqa: F401  (pinned_threads: an autouse fixture)
@@ -29,13 +30,12 @@ from reliability_support import (  # noqa: F401  (pinned_threads: an autouse fix
     pinned_threads,
     run_cli,
     run_forked,
+    state_digest,
     temp_files,
     train_in_process,
     tree_snapshot,
 )
 
-from resnet_repro import faults
-from resnet_repro.checkpoint import state_digest
 from resnet_repro.optim import Warmup
 
 

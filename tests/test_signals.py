@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 
+import fault_injection.sitecustomize as faults
 import pytest
 from conftest import REPO
 from reliability_support import (  # noqa: F401  (pinned_threads: an autouse fixture)
@@ -22,12 +23,11 @@ from reliability_support import (  # noqa: F401  (pinned_threads: an autouse fix
     make_tiny_npz,
     pinned_threads,
     run_forked,
+    state_digest,
     train_in_process,
 )
 
 import resnet_repro.train as train_module
-from resnet_repro import faults
-from resnet_repro.checkpoint import state_digest
 from resnet_repro.engine import NotRequeued, Preempted
 
 

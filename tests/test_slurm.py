@@ -25,11 +25,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import fault_injection.sitecustomize as faults
 import pytest
 from conftest import REPO
-from reliability_support import compose_config, train_in_process
+from reliability_support import compose_config, state_digest, train_in_process
 
-from resnet_repro.checkpoint import state_digest
 from resnet_repro.run_files import PLAN_JSON, SUMMARY_JSON
 from resnet_repro.sweep import EXIT_SWEEP_FAILED, SQUEUE_GONE_STATE, _squeue_watcher_class
 
@@ -110,13 +110,15 @@ def test_reproduce_quick_profile_with_the_slurm_launcher(slurm, sample_npz: Path
 
 
 @pytest.mark.slurm
-def test_a_failing_run_leaves_the_other_finished(slurm, sample_npz: Path, tmp_path: Path) -> None:
-    args = ["-m", "experiment=quick", "model.arch=resnet", "fail_at_iter=3,null", f"runs_dir={tmp_path}", "data=npz",
-            f"data.path={sample_npz}", *TINY, *SLURM]  # fmt: skip
+def test_a_failing_run_leaves_the_other_finished(slurm, sample_npz: Path, tmp_path: Path, monkeypatch) -> None:
+    faults.arm_subprocesses(monkeypatch, "step@3/raise")  # the jobs inherit it; only the 10-iteration run reaches 3
+    tiny = [a for a in TINY if not a.startswith(("optim.max_iter=", "optim.milestones="))]
+    args = ["-m", "experiment=quick", "model.arch=resnet", "optim.max_iter=10,3", "optim.milestones=[2]",
+            f"runs_dir={tmp_path}", "data=npz", f"data.path={sample_npz}", *tiny, *SLURM]  # fmt: skip
     rc, out = finish(launch(args, tmp_path / "launcher.out"), tmp_path / "launcher.out")
     assert rc == EXIT_SWEEP_FAILED, out
     sweep_dir = tmp_path / "cifar10-sample" / "quick"
-    failed, finished = (next(sweep_dir.glob(f"*,fail_at_iter={v},*")) for v in (3, "null"))
+    failed, finished = (next(sweep_dir.glob(f"*,optim.max_iter={v},*")) for v in (10, 3))
     assert (failed / "failed.json").is_file() and not (failed / "metrics.json").exists()
     assert (finished / "metrics.json").is_file() and not (finished / "failed.json").exists()
     assert "2 runs, 1 finished, 0 skipped, 1 failed, 0 incomplete" in out

@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import fault_injection.sitecustomize as faults
 import pytest
 
 from resnet_repro import reproduce
@@ -94,13 +95,15 @@ def test_relaunch_skips_finished_runs_untouched(submitit_sweep: dict) -> None:
         assert snapshot(d) == before[d]  # same files, same bytes, same mtimes
 
 
-def test_failed_run_is_reported_while_the_others_finish(sample_npz: Path, tmp_path: Path) -> None:
+def test_failed_run_is_reported_while_the_others_finish(sample_npz: Path, tmp_path: Path, monkeypatch) -> None:
     # basic launcher (one process, jobs in turn): the failing job comes first and the next one still runs
-    result = sweep(["experiment=quick", "model.arch=resnet", "fail_at_iter=3,null", f"runs_dir={tmp_path}",
-                    "data=npz", f"data.path={sample_npz}", *TINY])
+    faults.arm_subprocesses(monkeypatch, "step@3/raise")  # an exception before iteration 3: only the 10-iteration run
+    tiny = [a for a in TINY if not a.startswith(("optim.max_iter=", "optim.milestones="))]
+    result = sweep(["experiment=quick", "model.arch=resnet", "optim.max_iter=10,3", "optim.milestones=[2]",
+                    f"runs_dir={tmp_path}", "data=npz", f"data.path={sample_npz}", *tiny])
     assert result.returncode == EXIT_SWEEP_FAILED, result.stdout + result.stderr
     sweep_dir = tmp_path / "cifar10-sample" / "quick"
-    failed, finished = (next(sweep_dir.glob(f"*,fail_at_iter={v},model.arch=resnet,*")) for v in (3, "null"))
+    failed, finished = (next(sweep_dir.glob(f"*,model.arch=resnet,*,optim.max_iter={v},*")) for v in (10, 3))
     assert (failed / "failed.json").is_file() and not (failed / "metrics.json").exists()
     assert (finished / "metrics.json").is_file() and not (finished / "failed.json").exists()
     assert "2 runs, 1 finished, 0 skipped, 1 failed, 0 incomplete" in result.stdout
