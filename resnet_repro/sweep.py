@@ -19,6 +19,7 @@ a single-machine Slurm), the callback also has submitit read job states from `sq
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 import re
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -64,40 +67,48 @@ def _file_state(path: Path) -> tuple[int, int] | None:
     return st.st_mtime_ns, st.st_size
 
 
+def sweep_jobs(overrides: list[Override]) -> list[list[str]]:
+    """Each job's overrides, as Hydra's basic sweeper splits a multirun: the product of every key's values, a later
+    value of a key (the command line's) replacing an earlier one (the experiment file's `hydra.sweeper.params`)."""
+    values: dict[str, list[str]] = {}
+    for override in overrides:
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            values[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        else:
+            values[key] = [f"{key}={override.get_value_element_as_str()}"]
+    return [list(job) for job in itertools.product(*values.values())]
+
+
+def override_dirname(job: list[Override], naming: DictConfig) -> str:
+    """A job's `hydra.job.override_dirname`, by Hydra's rule: its overrides less `naming.exclude_keys`, sorted,
+    joined with `naming.item_sep`, each `=` replaced by `naming.kv_sep`."""
+    lines = sorted(str(o.input_line) for o in job if o.key_or_group not in naming.exclude_keys)
+    return naming.item_sep.join(lines).replace("=", naming.kv_sep)
+
+
 def planned_runs(config: DictConfig) -> list[PlannedRun]:
-    """The run directories of the multirun described by `config` (the composed multirun config, hydra node included).
-
-    Combines `hydra.sweeper.params` with `hydra.overrides.task` as BasicSweeper does (a command-line value replaces
-    the experiment file's value of the same key), names each job with Hydra's own override_dirname rule and
-    resolves `hydra.sweep.dir`/`hydra.sweep.subdir` for it.
-    """
-    from hydra._internal.config_loader_impl import get_overrides_dirname
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
+    """The run directories of the multirun described by `config` (the composed multirun config, hydra node included):
+    its jobs (sweep_jobs of `hydra.sweeper.params` and `hydra.overrides.task`), each with `hydra.sweep.dir` and
+    `hydra.sweep.subdir` resolved for its override_dirname."""
     hc = config.hydra
     params = [f"{key}={value}" for key, value in (hc.sweeper.get("params") or {}).items()]
     parser = OverridesParser.create()
-    jobs = BasicSweeper.split_arguments(parser.parse_overrides(params + list(hc.overrides.task)), None)[0]
     naming = hc.job.config.override_dirname
     saved = HydraConfig.instance().cfg
     runs = []
     try:
-        for num, job in enumerate(jobs):
-            name = get_overrides_dirname(
-                parser.parse_overrides(job),
-                exclude_keys=list(naming.exclude_keys),
-                item_sep=naming.item_sep,
-                kv_sep=naming.kv_sep,
-            )
+        for num, job in enumerate(sweep_jobs(parser.parse_overrides(params + list(hc.overrides.task)))):
             job_cfg = copy.deepcopy(config)
             OmegaConf.set_readonly(job_cfg.hydra, False)
             with open_dict(job_cfg.hydra):
-                job_cfg.hydra.job.override_dirname = name
+                job_cfg.hydra.job.override_dirname = override_dirname(parser.parse_overrides(job), naming)
                 job_cfg.hydra.job.num = num
+            # `${hydra:...}` in the sweep directories reads the HydraConfig singleton: set to each job's config, as
+            # Hydra's launchers do (hydra.core.utils.run_job), and restored after
             HydraConfig.instance().set_config(job_cfg)
             run_dir = Path(str(job_cfg.hydra.sweep.dir)) / str(job_cfg.hydra.sweep.subdir)
-            runs.append(PlannedRun(list(job), run_dir.name, run_dir))
+            runs.append(PlannedRun(job, run_dir.name, run_dir))
     finally:
         HydraConfig.instance().cfg = saved
     return runs
