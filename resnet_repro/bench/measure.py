@@ -17,13 +17,12 @@ import torch
 
 from resnet_repro.bench.helpers import random_cifar, sync
 from resnet_repro.bench.rows import Row, skip_reason
-from resnet_repro.bench.runners import RECIPE, Baseline, Ours, make_runner
+from resnet_repro.bench.runners import RECIPE, Runner, make_runner
 from resnet_repro.data import ImageArrays
 from resnet_repro.device import use_cuda_device
 
 log = logging.getLogger(__name__)
 
-BF16_CPU_MAX_SLOWDOWN = 3.0  # bf16 rows are skipped on a CPU where bf16 is this many times slower than fp32
 K_TIMEOUT_S = 1800.0  # how long the K processes may take to warm up and train
 
 
@@ -44,7 +43,7 @@ class Result:
     speedup: float | None = None
 
 
-def time_window(runner: Baseline | Ours, iters: int, device: torch.device) -> float:
+def time_window(runner: Runner, iters: int, device: torch.device) -> float:
     """ms per iteration over `iters` iterations, the device synchronised at both ends."""
     sync(device)
     began = time.perf_counter()
@@ -54,8 +53,9 @@ def time_window(runner: Baseline | Ours, iters: int, device: torch.device) -> fl
 
 
 def start(result: Result, arch: str, depth: int, opts: argparse.Namespace, device: torch.device,
-          arrays: ImageArrays) -> Baseline | Ours | None:  # fmt: skip
-    """The row's runner, built and warmed up (the wall time in `result.build_s`); None when that failed."""
+          arrays: ImageArrays) -> Runner | None:  # fmt: skip
+    """The row's runner, built and warmed up (the wall time in `result.build_s`); None, the row failed, when that
+    raised."""
     began = time.perf_counter()
     try:
         runner = make_runner(result.row, arch, depth, arrays, device, opts.batch_size, opts.workers)
@@ -67,16 +67,6 @@ def start(result: Result, arch: str, depth: int, opts: argparse.Namespace, devic
         return None
     result.build_s = time.perf_counter() - began
     return runner
-
-
-def bf16_verdict(bf16: Baseline | Ours, fp32: Baseline | Ours | None, device: torch.device) -> str | None:
-    """Why bf16 rows are skipped on this CPU (bf16 over 3x slower than fp32: no native bf16), or None."""
-    if fp32 is None:
-        return None
-    ms_fp32, ms_bf16 = time_window(fp32, 2, device), time_window(bf16, 2, device)
-    if ms_bf16 <= BF16_CPU_MAX_SLOWDOWN * ms_fp32:
-        return None
-    return f"bf16 on this CPU: {ms_bf16:.1f} ms/iter vs fp32 {ms_fp32:.1f} (>{BF16_CPU_MAX_SLOWDOWN:g}x)"
 
 
 def summarise(results: list[Result], opts: argparse.Namespace) -> None:
@@ -93,33 +83,23 @@ def summarise(results: list[Result], opts: argparse.Namespace) -> None:
 
 
 def measure_arch(arch: str, depth: int, rows: list[Row], opts: argparse.Namespace, device: torch.device,
-                 arrays: ImageArrays, results: list[Result], save: Callable[[str], object],
-                 bf16_skip: str | None = None) -> str | None:  # fmt: skip
-    """Warm up this arch's rows in table order, then time each once per round, saving after every round; returns
-    why bf16 rows are skipped on this CPU (None: they run)."""
+                 arrays: ImageArrays, results: list[Result], save: Callable[[str], object]) -> None:  # fmt: skip
+    """Warm up this arch's rows in table order, then time each once per round, saving after every round."""
     mine = [Result(f"{arch}-{depth}", row) for row in rows]
     results += mine
-    runners: dict[str, Baseline | Ours] = {}
+    runners: dict[str, Runner] = {}
     for r in mine:
-        bf16_note = bf16_skip if r.row.precision == "bf16" else None
-        r.note = skip_reason(r.row, device, opts.compile_on_cpu, opts.batch_size) or bf16_note or ""
-        runner = None if r.note else start(r, arch, depth, opts, device, arrays)
-        if runner is not None and r.row.precision == "bf16" and device.type == "cpu":
-            fp32 = [runners[x.row.key] for x in mine if x.row.key in runners and x.row.precision == "fp32"]
-            bf16_skip = bf16_verdict(runner, fp32[-1] if fp32 else None, device)  # vs the nearest fp32 row above
-            if bf16_skip:
-                runner, r.note = None, bf16_skip
-        if runner is not None:
-            runners[r.row.key] = runner
-        elif r.status == "ok":
+        r.note = skip_reason(r.row, device, opts.compile_on_cpu, opts.batch_size) or ""
+        if r.note:
             r.status = "skipped"
+        elif (runner := start(r, arch, depth, opts, device, arrays)) is not None:
+            runners[r.row.key] = runner
     for done in range(1, opts.windows + 1):
-        for r in (r for r in mine if r.status == "ok"):
+        for r in (r for r in mine if r.row.key in runners):
             r.windows_ms.append(time_window(runners[r.row.key], opts.iters, device))
             log.info("%s round %d %-9s %9.2f ms/iter", r.arch, done, r.row.key, r.windows_ms[-1])
         summarise(mine, opts)
         save(f"{done} of {opts.windows} rounds of {arch}-{depth}")
-    return bf16_skip
 
 
 def k_worker(opts: argparse.Namespace, row: Row, arch: str, depth: int, device: torch.device, threads: int,

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from resnet_repro.reproduce import cpu_has_native_bf16
+
 
 @dataclass(frozen=True)
 class Row:
@@ -54,6 +56,8 @@ def skip_reason(row: Row, device: torch.device, compile_on_cpu: bool, batch_size
         return f"{row.where.upper()} only"
     if row.compile and device.type == "cpu" and not compile_on_cpu:
         return "CUDA only by default (--compile-on-cpu forces it)"
+    if row.precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        return "bf16 is emulated on this CPU (no avx512_bf16 or amx_bf16), several times slower than fp32"
     if row.bn_group and batch_size <= row.bn_group:
         return f"needs a batch above {row.bn_group} (--batch-size {batch_size})"
     return None

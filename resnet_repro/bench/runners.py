@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -48,17 +48,12 @@ class Baseline:
             PILCIFAR10(arrays), batch_size, shuffle=True, num_workers=workers, pin_memory=device.type == "cuda",
             drop_last=True, persistent_workers=workers > 0,
         )  # fmt: skip
-        self.batches = self.epochs()
+        self.batches = (batch for _ in itertools.count() for batch in self.loader)  # epoch after epoch
         torch.manual_seed(0)
         self.model = build_model(arch, depth).to(device)
         sgd = {"lr": RECIPE.lr, "momentum": RECIPE.momentum, "weight_decay": RECIPE.weight_decay}
         self.optimizer = torch.optim.SGD(self.model.parameters(), **sgd)
         self.train_loss, self.correct = 0.0, 0
-
-    def epochs(self) -> Iterator[list[torch.Tensor]]:
-        """Batches, epoch after epoch, as a typical loop's `for epoch ...: for inputs, targets in loader`."""
-        while True:
-            yield from self.loader
 
     def run(self, iters: int) -> None:
         """`iters` training iterations as a typical reproduction writes them."""
@@ -97,8 +92,11 @@ class Ours:
             self.iteration += 1
 
 
+Runner = Baseline | Ours
+
+
 def make_runner(row: Row, arch: str, depth: int, arrays: ImageArrays, device: torch.device, batch_size: int,
-                workers: int) -> Baseline | Ours:  # fmt: skip
+                workers: int) -> Runner:  # fmt: skip
     """The runner of `row`: the baseline over `arrays`, or ours with its own copy of them on `device`."""
     if row.key == "baseline":
         return Baseline(arch, depth, arrays, device, batch_size, workers)
