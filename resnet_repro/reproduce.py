@@ -53,7 +53,7 @@ class Experiment:
 
 
 # Every configuration of the paper's experiment files once, longest last (ResNet-1202) so that, one experiment at a
-# time, every other result is there early (launched together, the order is reversed: see run_all). The files not
+# time, every other result is there early (launched together, the order is reversed: see run_experiments). The files not
 # run hold only copies (every run records Figure 7's responses): fig6_resnet = table6's seed 0, fig7 = fig6_plain's
 # and table6's depth 20/56, fig7_110 = table6's ResNet-110 seed 0; so are shortcuts' option A and fig6_deep's
 # ResNet-110 (table6's). The plots draw each configuration from whichever run holds it.
@@ -95,7 +95,7 @@ class Step:
     name: str
     cmd: list[str]
     experiment: str | None = None
-    status: str = "pending"  # pending | ok | failed | dry-run
+    status: str = "pending"  # pending | ok | failed
     rc: int | None = None
     wall_s: float | None = None
     counts: dict[str, int] = field(default_factory=dict)
