@@ -208,29 +208,14 @@ def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) 
 
 def write_table6(rows: Sequence[dict[str, Any]], out: Path, title: str) -> list[Path]:
     """Table 6 as markdown and CSV: our final test error (mean±std over seeds, best) beside the paper's."""
-    header = [
-        "arch",
-        "depth",
-        "shortcut",
-        "params",
-        "n (seeds)",
-        "test err mean±std (%)",
-        "best (%)",
-        f"paper (%), {SOURCE}",
-    ]
+    header = ["arch", "depth", "shortcut", "params", "n (seeds)", "test err mean±std (%)", "best (%)",
+              f"paper (%), {SOURCE}"]  # fmt: skip
     md_rows = [
-        [
-            r["arch"],
-            r["depth"],
-            r["shortcut"],
-            f"{r['params'] / 1e6:.2f}M",
-            f"{r['n']} ({', '.join(map(str, r['seeds']))})",
-            format_err(r["mean"], r["std"]),
-            f"{r['best']:.2f}",
-            r["paper"].describe() if r["paper"] else "—",
-        ]
+        [r["arch"], r["depth"], r["shortcut"], f"{r['params'] / 1e6:.2f}M",
+         f"{r['n']} ({', '.join(map(str, r['seeds']))})", format_err(r["mean"], r["std"]), f"{r['best']:.2f}",
+         r["paper"].describe() if r["paper"] else "—"]
         for r in rows
-    ]
+    ]  # fmt: skip
     notes = "".join(f"\n> warning: {w}\n" for w in mixed_groups(rows))
     md = (
         f"# Table 6 (reproduction): CIFAR-10 test error\n\n{title}. Final model's test error, no selection on the "
@@ -242,41 +227,14 @@ def write_table6(rows: Sequence[dict[str, Any]], out: Path, title: str) -> list[
         f"it gives no number for plain nets (only Figure 6 curves). {CITATION}\n"
     )
     (out / "table6.md").write_text(md)
-    csv_header = [
-        "arch",
-        "depth",
-        "shortcut",
-        "params",
-        "n",
-        "seeds",
-        "test_err_mean",
-        "test_err_std",
-        "test_err_best",
-        "paper_test_err",
-        "paper_mean_std",
-        "data",
-        "iterations",
-        "numerics",
-    ]
+    csv_header = ["arch", "depth", "shortcut", "params", "n", "seeds", "test_err_mean", "test_err_std", "test_err_best",
+                  "paper_test_err", "paper_mean_std", "data", "iterations", "numerics"]  # fmt: skip
     csv_rows = [
-        [
-            r["arch"],
-            r["depth"],
-            r["shortcut"],
-            r["params"],
-            r["n"],
-            ";".join(map(str, r["seeds"])),
-            r["mean"],
-            r["std"],
-            r["best"],
-            r["paper"] and r["paper"].test_err,
-            r["paper"] and r["paper"].mean_std,
-            ";".join(r["data"]),
-            ";".join(map(str, r["iterations"])),
-            ";".join(r["numerics"]),
-        ]
+        [r["arch"], r["depth"], r["shortcut"], r["params"], r["n"], ";".join(map(str, r["seeds"])), r["mean"], r["std"],
+         r["best"], r["paper"] and r["paper"].test_err, r["paper"] and r["paper"].mean_std, ";".join(r["data"]),
+         ";".join(map(str, r["iterations"])), ";".join(r["numerics"])]
         for r in rows
-    ]
+    ]  # fmt: skip
     return [out / "table6.md", write_csv(out / "table6.csv", csv_header, csv_rows)]
 
 
