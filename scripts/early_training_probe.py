@@ -6,8 +6,7 @@ plain `torch.optim.SGD` (momentum 0.9, weight decay 1e-4), so a difference in th
 The reference is written here the way the most-cited public PyTorch CIFAR ResNet writes it (He init with
 fan_in on convs and the FC layer, option A as a lambda), independently of resnet_repro.models.
 
-    python scripts/early_training_probe.py --npz ../shared/data/cifar10-sample/cifar10_sample.npz --depth 56 \
-        --model ours --iters 600
+    python scripts/early_training_probe.py --npz cifar10_sample.npz --depth 56 --model ours --iters 600
 
 Prints the loss every `--every` iterations and the test error at the end. Written to answer one question: does
 ResNet-56 at the paper's lr 0.1 really blow up in its first iterations, and is that ours or the recipe's?
@@ -27,16 +26,23 @@ from resnet_repro.models import build_model
 
 
 class _Lambda(nn.Module):
+    """A function as a module (the reference's option-A shortcut)."""
+
     def __init__(self, fn) -> None:
+        """Wrap `fn`."""
         super().__init__()
         self.fn = fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`fn(x)`."""
         return self.fn(x)
 
 
 class _Block(nn.Module):
+    """The reference's basic block: two 3x3 convs with BN, the shortcut zero-padding channels when they grow."""
+
     def __init__(self, cin: int, cout: int, stride: int) -> None:
+        """A block from `cin` to `cout` channels, subsampling by `stride`."""
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
         self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
@@ -48,6 +54,7 @@ class _Block(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """relu(F(x) + shortcut(x))."""
         out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
         return F.relu(out + self.shortcut(x))
 
@@ -56,6 +63,7 @@ class ReferenceResNet(nn.Module):
     """A CIFAR ResNet of depth 6n+2 with option-A shortcuts, written as public reproductions usually write it."""
 
     def __init__(self, depth: int) -> None:
+        """Three stages of (depth - 2) / 6 blocks at 16, 32 and 64 channels; He (fan_in) init of convs and FC."""
         super().__init__()
         n = (depth - 2) // 6
         self.conv, self.bn = nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16)
@@ -70,6 +78,7 @@ class ReferenceResNet(nn.Module):
                 nn.init.kaiming_normal_(module.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch of images."""
         out = self.blocks(F.relu(self.bn(self.conv(x))))
         return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
