@@ -86,6 +86,7 @@ def default_slot_dir() -> Path:
 
 
 def _slot_path(slot_dir: Path, key: str, slot: int) -> Path:
+    """The lock file of one slot of the GPU `key`, its name made file-safe."""
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in key)
     return slot_dir / f"{safe}.slot{slot}.lock"
 

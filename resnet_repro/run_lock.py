@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -25,11 +26,11 @@ class RunDirectoryBusy(RuntimeError):
     """Another live process is training this run directory."""
 
 
+@dataclass
 class RunLock:
-    """The held lock of one run directory; `release()` (or process exit) frees it."""
+    """The held lock of one run directory, its locked file; `release()` (or process exit) frees it."""
 
-    def __init__(self, handle: IO[str]) -> None:
-        self.handle = handle
+    handle: IO[str]
 
     def release(self) -> None:
         """Unlock and close (idempotent)."""

@@ -186,12 +186,14 @@ def _squeue_watcher_class() -> type:
         its end) instead of `sacct`, for clusters without accounting. A job squeue no longer lists has ended."""
 
         def _make_command(self) -> list[str] | None:
+            """The squeue command listing this user's jobs; None when no job is left to follow."""
             if super()._make_command() is None:  # no job left to follow
                 return None
             return ["squeue", "--noheader", "--array", "--states=all", f"--user={os.getuid()}",
                     "--format=%i|%T|%N"]  # fmt: skip
 
         def read_info(self, string: bytes | str) -> dict[str, dict[str, str]]:
+            """Job states from squeue's output; a followed job squeue no longer lists has ended."""
             text = string.decode() if isinstance(string, bytes) else string
             info = super().read_info("JobID|State|NodeList\n" + text)  # sacct's header, so sacct's parser reads it
             for job_id in self._registered - self._finished:
@@ -227,6 +229,7 @@ class SweepSummary(Callback):
     """Hydra callback: note finished runs when a multirun starts; print, log and save a summary when it ends."""
 
     def __init__(self, exit_on_failure: bool = True) -> None:
+        """`exit_on_failure`: end the multirun with EXIT_SWEEP_FAILED when a run failed or is incomplete."""
         self.exit_on_failure = exit_on_failure
         self.runs: list[PlannedRun] | None = None
         self.before: dict[Path, dict[str, Any]] = {}

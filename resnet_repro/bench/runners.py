@@ -26,14 +26,17 @@ class PILCIFAR10(torch.utils.data.Dataset):
     """torchvision.datasets.CIFAR10's `__getitem__` over in-memory arrays: uint8 HWC -> PIL image -> transform."""
 
     def __init__(self, arrays: ImageArrays) -> None:
+        """The training images and labels of `arrays`, with random crop, flip and normalisation."""
         self.images, self.labels = arrays.x_train.numpy(), arrays.y_train.tolist()
         crop_flip = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
         self.transform = T.Compose([*crop_flip, T.ToTensor(), T.Normalize(BASELINE_MEAN, BASELINE_STD)])
 
     def __len__(self) -> int:
+        """The number of training images."""
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        """Image `index` as a transformed float tensor, and its label."""
         return self.transform(Image.fromarray(self.images[index])), self.labels[index]
 
 
@@ -42,6 +45,7 @@ class Baseline:
 
     def __init__(self, arch: str, depth: int, arrays: ImageArrays, device: torch.device, batch_size: int,
                  workers: int) -> None:  # fmt: skip
+        """The model, plain SGD and a DataLoader with `workers` worker processes over `arrays`."""
         self.device = device
         # pinned memory on CUDA; drop_last keeps every batch full; persistent workers spare a restart per epoch
         self.loader = torch.utils.data.DataLoader(
@@ -73,6 +77,7 @@ class Ours:
     """`engine.fit`'s own iteration, step.EagerIteration or step.GraphedIteration, minus logging and evaluation."""
 
     def __init__(self, arch: str, depth: int, row: Row, data: DeviceData, batch_size: int) -> None:
+        """The model and iteration `fit` would build with `row`'s settings, over `data` already on the device."""
         torch.manual_seed(0)
         model = use_ghost_batch_norm(build_model(arch, depth), row.bn_group)
         model = model.to(data.device, memory_format=torch.channels_last if row.channels_last else torch.preserve_format)
