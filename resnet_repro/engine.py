@@ -155,15 +155,6 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def _all_reduce(value: float, device: torch.device, dist_info: DistInfo, how: str) -> float:
-    """`how` = 'max' or 'mean' of a float over all ranks (identity with one process)."""
-    if dist_info.world_size == 1:
-        return value
-    t = torch.tensor(value, device=device, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX if how == "max" else dist.ReduceOp.SUM)
-    return t.item() if how == "max" else t.item() / dist_info.world_size
-
-
 def fit(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -182,216 +173,248 @@ def fit(
     metrics.json, which rank 0 writes last and atomically. `fingerprint` (the config's) and `identity` (the data's
     hash, the training precision) are stored in every checkpoint; a resume must match both.
     """
-    identity = identity or {}
-    dist_info = dist_info or DistInfo()
-    device = data.device
-    plain_model = unwrap(model)
-    ckpt_path = run_dir / "checkpoints" / CHECKPOINT_NAME
-    state = RunState()
-    step = TrainStep(model, optimizer, options.precision, device)
-    saved: dict[str, Any] = {}
-    if ckpt_path.exists():
-        saved = load_checkpoint(ckpt_path, fingerprint, plain_model, identity)
-        plain_model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        match_parameter_layouts(optimizer)
-        if step.scaler is not None and saved.get("scaler"):
-            step.scaler.load_state_dict(saved["scaler"])
-        if schedule.warmup is not None:
-            schedule.warmup.load_state_dict(saved["warmup"])
-        restore_rng_state(saved["rng"], device)
-        state = RunState(**saved["run_state"])
-        log.info("resumed from %s at iteration %d", ckpt_path, state.iteration)
-    acc = Accumulators.zeros(device, state.iteration)
-    if "interval" in saved and dist_info.is_main:  # all ranks' sums since the last log point, kept by rank 0
-        acc.loss_sum.fill_(saved["interval"]["loss_sum"])
-        acc.wrong.fill_(saved["interval"]["wrong"])
-        acc.seen.fill_(saved["interval"]["seen"])
-    model.train()  # before a graph is captured: it records the training-mode kernels
-    run_start = time.perf_counter() - state.elapsed_s  # wall time includes graph capture (ms_per_iter does not)
-    per_rank_batch = options.batch_size // dist_info.world_size
-    run_iteration = make_iteration(  # eager or graphed, decided here once (a failed capture: eager)
-        step,
-        data,
-        acc,
-        options.batch_size,
-        graphs=options.cuda_graphs,
-        capture=device.type == "cuda",
-        rank=dist_info.rank,
-        world_size=dist_info.world_size,
-    )
-
-    def checkpoint() -> None:
-        loss_sum, wrong, seen = _interval_sums(acc, dist_info)
-        if dist_info.is_main:
-            save_checkpoint(
-                ckpt_path,
-                {
-                    "config_fingerprint": fingerprint,
-                    "identity": identity,
-                    "model": plain_model.state_dict(),
-                    "optimizer": run_iteration.optimizer_state(),
-                    "scaler": step.scaler.state_dict() if step.scaler is not None else {},
-                    "warmup": schedule.warmup.state_dict() if schedule.warmup is not None else {},
-                    "rng": rng_state(device),
-                    "run_state": state.state_dict(),
-                    "interval": {"loss_sum": loss_sum, "wrong": wrong, "seen": seen},
-                },
-            )
-        if dist_info.world_size > 1:
-            dist.barrier()
-
-    scalars = ScalarLog(run_dir, dist_info.is_main, state.iteration)
-    progress = Progress(options.max_iter, state.iteration, options.progress and dist_info.is_main, options.description)
-    interval_start = time.perf_counter()
+    run = TrainingRun(model, optimizer, schedule, data, run_dir, options, fingerprint, identity or {}, dist_info)
+    state = run.state
     try:
         with StopSignal() as stop:
             while state.iteration < options.max_iter:
                 it = state.iteration
                 lr = schedule.lr(it)
-                wrong = run_iteration(it, lr)
+                wrong = run.iterate(it, lr)  # this rank's batch, forward, backward, update; sums kept on the device
                 state.iteration = it + 1
-                if schedule.warmup is not None and schedule.warmup.active:
-                    err = 100.0 * _all_reduce(wrong.item() / per_rank_batch, device, dist_info, "mean")
-                    schedule.warmup.observe(it, [err])
+                run.observe_warmup(it, wrong)
                 done = state.iteration == options.max_iter
-                if state.iteration % options.log_every == 0 or done:
-                    _check_finite(acc, device, dist_info, ckpt_path)
-                    now = time.perf_counter()
-                    state.train_time_s += now - interval_start
-                    loss_sum, wrong_sum, seen = _interval_sums(acc, dist_info)  # the whole global batch's
-                    state.last = {
-                        "train/loss": loss_sum / max(seen, 1),
-                        "train/err": 100.0 * wrong_sum / max(seen, 1),
-                        "opt/lr": lr,
-                        "perf/img_per_s": seen / max(now - interval_start, 1e-9),
-                    }
-                    scalars.add(state.iteration, state.last)
-                    log.info(
-                        "iter %d/%d lr %.4g loss %.4f train err %.2f%% %.0f img/s",
-                        state.iteration,
-                        options.max_iter,
-                        lr,
-                        state.last["train/loss"],
-                        state.last["train/err"],
-                        state.last["perf/img_per_s"],
-                    )
-                    progress.update(
-                        state.iteration,
-                        lr=f"{lr:.3g}",
-                        loss=f"{state.last['train/loss']:.3f}",
-                        err=f"{state.last['train/err']:.1f}%",
-                        img_s=f"{state.last['perf/img_per_s']:.0f}",
-                    )
-                    acc.reset_interval()
-                    interval_start = time.perf_counter()
-                if (state.iteration % options.eval_every == 0 or done) and dist_info.is_main:
-                    _evaluate_all(model, data, options, state, scalars)
-                    interval_start = time.perf_counter()
-                state.elapsed_s = time.perf_counter() - run_start
-                stopping = _should_stop(stop, state.iteration, options, device, dist_info)
-                if state.iteration % options.checkpoint_every == 0 or done or stopping:
-                    _check_finite(acc, device, dist_info, ckpt_path)
-                    checkpoint()
-                    scalars.flush()
-                    interval_start = time.perf_counter()
+                if _due(state.iteration, options.log_every, done):
+                    run.log_point(lr)
+                if _due(state.iteration, options.eval_every, done) and run.dist_info.is_main:
+                    run.evaluate()
+                state.elapsed_s = time.perf_counter() - run.start_time
+                stopping = run.should_stop(stop)
+                if _due(state.iteration, options.checkpoint_every, done) or stopping:
+                    run.checkpoint()
                 if stopping and not done:
-                    name = signal.Signals(stop.received).name if stop.received is not None else "stop (another rank)"
-                    message = (
-                        f"{name} received; checkpoint written at iteration {state.iteration} to {ckpt_path}; "
-                        "rerun the same command to resume"
-                    )
-                    try:
-                        stop.pass_on()
-                    except Exception as exc:  # noqa: BLE001 - submitit's "not requeued" (out of max_num_timeout)
-                        # an ordinary failure, so submitit records the job's result and the sweep summary lists it
-                        raise NotRequeued(f"{message}; the Slurm job was not requeued: {exc}") from exc
-                    raise Preempted(message)
+                    run.stop_for_requeue(stop)
     finally:
-        progress.close()
-        scalars.close()
-    return _final_metrics(plain_model, data, options, state, run_info, dist_info.is_main)
+        run.close()
+    return run.final_metrics(run_info)
 
 
-def _interval_sums(acc: Accumulators, dist_info: DistInfo) -> tuple[float, float, float]:
-    """(loss sum, number wrong, images) since the last log point, over all ranks: the whole global batch's."""
-    sums = torch.stack([acc.loss_sum, acc.wrong, acc.seen])
-    if dist_info.world_size > 1:
-        dist.all_reduce(sums)
-    loss_sum, wrong, seen = sums.tolist()
-    return loss_sum, wrong, seen
+def _due(iteration: int, every: int, done: bool) -> bool:
+    """Is periodic work due after `iteration` iterations: a multiple of `every`, or the last iteration?"""
+    return iteration % every == 0 or done
 
 
-def _should_stop(stop: StopSignal, iteration: int, options: LoopOptions, device, dist_info: DistInfo) -> bool:
-    """Stop at this step boundary? One process: as soon as a signal arrived. DDP: every rank must agree (the
-    checkpoint has a barrier), so the flag is all-reduced at log intervals, where the loop syncs anyway."""
-    if dist_info.world_size == 1:
-        return stop.received is not None
-    if iteration % options.log_every != 0:
-        return False
-    return _all_reduce(float(stop.received is not None), device, dist_info, "max") > 0
+class TrainingRun:
+    """One `fit` call: resumed from its checkpoint if there is one, with the work `fit`'s loop does besides the
+    iteration itself (warm-up, log points, evaluations, checkpoints, the stop at a signal)."""
 
-
-def _check_finite(acc: Accumulators, device: torch.device, dist_info: DistInfo, ckpt_path: Path) -> None:
-    first_bad = int(_all_reduce(float(acc.first_bad.item()), device, dist_info, "max"))
-    if first_bad >= 0:
-        where = f" (rank {dist_info.rank} of {dist_info.world_size})" if dist_info.world_size > 1 else ""
-        raise NonFiniteError(
-            f"non-finite loss or gradient at iteration {first_bad}{where}; that update was not applied and the run "
-            f"stopped. The last good checkpoint is {ckpt_path} (if one was written). Lower optim.lr or enable "
-            "optim.warmup and rerun."
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        schedule: Schedule,
+        data: DeviceData,
+        run_dir: Path,
+        options: LoopOptions,
+        fingerprint: str,
+        identity: dict[str, str],
+        dist_info: DistInfo | None,
+    ) -> None:
+        self.model, self.plain_model, self.schedule, self.data = model, unwrap(model), schedule, data
+        self.options, self.dist_info, self.device = options, dist_info or DistInfo(), data.device
+        self.fingerprint, self.identity = fingerprint, identity
+        self.ckpt_path = run_dir / "checkpoints" / CHECKPOINT_NAME
+        self.step = TrainStep(model, optimizer, options.precision, self.device)
+        saved = self._restore()
+        self.state = RunState(**saved["run_state"]) if saved else RunState()
+        self.acc = Accumulators.zeros(self.device, self.state.iteration)
+        if "interval" in saved and self.dist_info.is_main:  # all ranks' sums since the last log point, kept by rank 0
+            for name in ("loss_sum", "wrong", "seen"):
+                getattr(self.acc, name).fill_(saved["interval"][name])
+        model.train()  # before a graph is captured: it records the training-mode kernels
+        self.start_time = time.perf_counter() - self.state.elapsed_s  # wall time counts graph capture, ms_per_iter not
+        self.iterate = make_iteration(  # eager or graphed, decided here once (a failed capture: eager)
+            self.step,
+            data,
+            self.acc,
+            options.batch_size,
+            graphs=options.cuda_graphs,
+            capture=self.device.type == "cuda",
+            rank=self.dist_info.rank,
+            world_size=self.dist_info.world_size,
         )
+        main = self.dist_info.is_main
+        self.scalars = ScalarLog(run_dir, main, self.state.iteration)
+        self.progress = Progress(options.max_iter, self.state.iteration, options.progress and main, options.description)
+        self.interval_start = time.perf_counter()
 
+    def _restore(self) -> dict[str, Any]:
+        """Load the checkpoint, if there is one, into the model, optimizer, GradScaler, warm-up and random
+        generators (checked against this run first); returns it, or {} for a fresh start."""
+        if not self.ckpt_path.exists():
+            return {}
+        saved = load_checkpoint(self.ckpt_path, self.fingerprint, self.plain_model, self.identity)
+        self.plain_model.load_state_dict(saved["model"])
+        self.step.optimizer.load_state_dict(saved["optimizer"])
+        match_parameter_layouts(self.step.optimizer)
+        if self.step.scaler is not None and saved.get("scaler"):
+            self.step.scaler.load_state_dict(saved["scaler"])
+        if self.schedule.warmup is not None:
+            self.schedule.warmup.load_state_dict(saved["warmup"])
+        restore_rng_state(saved["rng"], self.device)
+        log.info("resumed from %s at iteration %d", self.ckpt_path, saved["run_state"]["iteration"])
+        return saved
 
-def _evaluate_all(model, data: DeviceData, options: LoopOptions, state: RunState, scalars: ScalarLog) -> None:
-    eval_model = unwrap(model)
-    test_err, test_loss = evaluate(eval_model, data, "test", options.eval_batch_size)
-    state.last.update({"test/err": test_err, "test/loss": test_loss})
-    logged = {"test/err": test_err, "test/loss": test_loss}
-    if data.x_val is not None:
-        val_err, val_loss = evaluate(eval_model, data, "val", options.eval_batch_size)
-        logged.update({"val/err": val_err, "val/loss": val_loss})
-        state.last.update({"val/err": val_err, "val/loss": val_loss})
-        if state.best_val_err is None or val_err < state.best_val_err:
-            state.best_val_err, state.best_val_iter = val_err, state.iteration
-    scalars.add(state.iteration, logged)
-    log.info(
-        "iter %d test err %.2f%% loss %.4f%s",
-        state.iteration,
-        test_err,
-        test_loss,
-        f" | val err {logged['val/err']:.2f}%" if "val/err" in logged else "",
-    )
+    def observe_warmup(self, iteration: int, wrong: torch.Tensor) -> None:
+        """While the warm-up lasts, feed it this iteration's training error over all ranks (a host sync)."""
+        warmup = self.schedule.warmup
+        if warmup is not None and warmup.active:
+            per_rank_batch = self.options.batch_size // self.dist_info.world_size
+            warmup.observe(iteration, [100.0 * self._all_reduce(wrong.item() / per_rank_batch, "mean")])
 
+    def log_point(self, lr: float) -> None:
+        """Training loss, error and speed since the last log point, over all ranks, to TensorBoard, the log and the
+        progress bar; a non-finite step raises NonFiniteError first."""
+        self._raise_if_nonfinite()
+        now = time.perf_counter()
+        self.state.train_time_s += now - self.interval_start
+        loss_sum, wrong, seen = self._interval_sums()
+        loss, err = loss_sum / max(seen, 1), 100.0 * wrong / max(seen, 1)  # the whole global batch's
+        speed = seen / max(now - self.interval_start, 1e-9)
+        it, max_iter = self.state.iteration, self.options.max_iter
+        self.state.last = {"train/loss": loss, "train/err": err, "opt/lr": lr, "perf/img_per_s": speed}
+        self.scalars.add(it, self.state.last)
+        log.info("iter %d/%d lr %.4g loss %.4f train err %.2f%% %.0f img/s", it, max_iter, lr, loss, err, speed)
+        self.progress.update(it, lr=f"{lr:.3g}", loss=f"{loss:.3f}", err=f"{err:.1f}%", img_s=f"{speed:.0f}")
+        self.acc.reset_interval()
+        self.interval_start = time.perf_counter()
 
-def _final_metrics(
-    model, data: DeviceData, options: LoopOptions, state: RunState, run_info: dict, is_main: bool
-) -> dict[str, Any]:
-    """metrics.json's content. Under DDP only rank 0 evaluates: other ranks return no test, val or response numbers."""
-    responses = None
-    if options.compute_responses and is_main and run_info.get("arch") in ("plain", "resnet"):
-        from resnet_repro.models.responses import layer_response_std
+    def evaluate(self) -> None:
+        """Test (and validation) error and loss of the current weights, in fp32, to TensorBoard and the log; keeps
+        the best validation error."""
+        state, batch_size = self.state, self.options.eval_batch_size
+        test_err, test_loss = evaluate(self.plain_model, self.data, "test", batch_size)
+        logged = {"test/err": test_err, "test/loss": test_loss}
+        val = ""
+        if self.data.x_val is not None:
+            val_err, val_loss = evaluate(self.plain_model, self.data, "val", batch_size)
+            logged.update({"val/err": val_err, "val/loss": val_loss})
+            if state.best_val_err is None or val_err < state.best_val_err:
+                state.best_val_err, state.best_val_iter = val_err, state.iteration
+            val = f" | val err {val_err:.2f}%"
+        state.last.update(logged)
+        self.scalars.add(state.iteration, logged)
+        log.info("iter %d test err %.2f%% loss %.4f%s", state.iteration, test_err, test_loss, val)
+        self.interval_start = time.perf_counter()
 
-        responses = layer_response_std(model, data.normalized_test_images())
-    last = state.last
-    return {
-        **run_info,
-        "status": "finished",
-        "iterations": state.iteration,
-        "max_iter": options.max_iter,
-        "eval_precision": EVAL_PRECISION,
-        "final_test_err": last.get("test/err"),
-        "final_test_loss": last.get("test/loss"),
-        "final_train_err": last.get("train/err"),
-        "final_train_loss": last.get("train/loss"),
-        "final_val_err": last.get("val/err"),
-        "best_val_err": state.best_val_err,
-        "best_val_iter": state.best_val_iter,
-        "wall_time_s": state.elapsed_s,
-        "ms_per_iter": 1000.0 * state.train_time_s / max(state.iteration, 1),
-        "layer_response_std": responses,
-        "date": now_iso(),
-    }
+    def should_stop(self, stop: StopSignal) -> bool:
+        """Stop at this step boundary? One process: as soon as a signal arrived. DDP: every rank must agree (the
+        checkpoint has a barrier), so the flag is all-reduced at log intervals, where the loop syncs anyway."""
+        if self.dist_info.world_size == 1:
+            return stop.received is not None
+        if self.state.iteration % self.options.log_every != 0:
+            return False
+        return self._all_reduce(float(stop.received is not None), "max") > 0
+
+    def checkpoint(self) -> None:
+        """Write last.pt (rank 0; every rank waits for it) and flush the scalars; a non-finite step raises
+        NonFiniteError first, so no checkpoint ever holds one."""
+        self._raise_if_nonfinite()
+        loss_sum, wrong, seen = self._interval_sums()
+        if self.dist_info.is_main:
+            save_checkpoint(
+                self.ckpt_path,
+                {
+                    "config_fingerprint": self.fingerprint,
+                    "identity": self.identity,
+                    "model": self.plain_model.state_dict(),
+                    "optimizer": self.iterate.optimizer_state(),
+                    "scaler": self.step.scaler.state_dict() if self.step.scaler is not None else {},
+                    "warmup": self.schedule.warmup.state_dict() if self.schedule.warmup is not None else {},
+                    "rng": rng_state(self.device),
+                    "run_state": self.state.state_dict(),
+                    "interval": {"loss_sum": loss_sum, "wrong": wrong, "seen": seen},
+                },
+            )
+        if self.dist_info.world_size > 1:
+            dist.barrier()
+        self.scalars.flush()
+        self.interval_start = time.perf_counter()
+
+    def stop_for_requeue(self, stop: StopSignal) -> None:
+        """After the stop's checkpoint: hand SIGUSR2 on to submitit's handler (which requeues the Slurm job), then
+        end the run with Preempted, or NotRequeued when submitit would not requeue it."""
+        name = signal.Signals(stop.received).name if stop.received is not None else "stop (another rank)"
+        message = (
+            f"{name} received; checkpoint written at iteration {self.state.iteration} to {self.ckpt_path}; "
+            "rerun the same command to resume"
+        )
+        try:
+            stop.pass_on()
+        except Exception as exc:  # noqa: BLE001 - submitit's "not requeued" (out of max_num_timeout)
+            # an ordinary failure, so submitit records the job's result and the sweep summary lists it
+            raise NotRequeued(f"{message}; the Slurm job was not requeued: {exc}") from exc
+        raise Preempted(message)
+
+    def close(self) -> None:
+        """Close the progress bar and the TensorBoard writer."""
+        self.progress.close()
+        self.scalars.close()
+
+    def final_metrics(self, run_info: dict[str, Any]) -> dict[str, Any]:
+        """metrics.json's content: `run_info` and the run's results. Under DDP only rank 0 evaluates: other ranks
+        return no test, val or response numbers."""
+        state, last, responses = self.state, self.state.last, None
+        if self.options.compute_responses and self.dist_info.is_main and run_info.get("arch") in ("plain", "resnet"):
+            from resnet_repro.models.responses import layer_response_std
+
+            responses = layer_response_std(self.plain_model, self.data.normalized_test_images())
+        return {
+            **run_info,
+            "status": "finished",
+            "iterations": state.iteration,
+            "max_iter": self.options.max_iter,
+            "eval_precision": EVAL_PRECISION,
+            "final_test_err": last.get("test/err"),
+            "final_test_loss": last.get("test/loss"),
+            "final_train_err": last.get("train/err"),
+            "final_train_loss": last.get("train/loss"),
+            "final_val_err": last.get("val/err"),
+            "best_val_err": state.best_val_err,
+            "best_val_iter": state.best_val_iter,
+            "wall_time_s": state.elapsed_s,
+            "ms_per_iter": 1000.0 * state.train_time_s / max(state.iteration, 1),
+            "layer_response_std": responses,
+            "date": now_iso(),
+        }
+
+    def _interval_sums(self) -> tuple[float, float, float]:
+        """(loss sum, number wrong, images) since the last log point, over all ranks: the whole global batch's."""
+        sums = torch.stack([self.acc.loss_sum, self.acc.wrong, self.acc.seen])
+        if self.dist_info.world_size > 1:
+            dist.all_reduce(sums)
+        loss_sum, wrong, seen = sums.tolist()
+        return loss_sum, wrong, seen
+
+    def _raise_if_nonfinite(self) -> None:
+        """Raise NonFiniteError naming the first non-finite iteration of the run (on any rank), if there was one."""
+        first_bad = int(self._all_reduce(float(self.acc.first_bad.item()), "max"))
+        if first_bad >= 0:
+            rank, world_size = self.dist_info.rank, self.dist_info.world_size
+            where = f" (rank {rank} of {world_size})" if world_size > 1 else ""
+            raise NonFiniteError(
+                f"non-finite loss or gradient at iteration {first_bad}{where}; that update was not applied and the "
+                f"run stopped. The last good checkpoint is {self.ckpt_path} (if one was written). Lower optim.lr or "
+                "enable optim.warmup and rerun."
+            )
+
+    def _all_reduce(self, value: float, how: str) -> float:
+        """`how` = 'max' or 'mean' of a float over all ranks (identity with one process)."""
+        if self.dist_info.world_size == 1:
+            return value
+        t = torch.tensor(value, device=self.device, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if how == "max" else dist.ReduceOp.SUM)
+        return t.item() if how == "max" else t.item() / self.dist_info.world_size
 
 
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:

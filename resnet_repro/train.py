@@ -42,7 +42,7 @@ from resnet_repro.models import build_model, count_parameters
 from resnet_repro.models.ghost_bn import use_ghost_batch_norm
 from resnet_repro.optim import Schedule, Warmup, make_sgd
 from resnet_repro.run_files import FAILED_NAME, METRICS_NAME, data_dir_name
-from resnet_repro.run_lock import RunDirectoryBusy, hold_run_directory, holder
+from resnet_repro.run_lock import RunDirectoryBusy, RunLock, hold_run_directory, holder
 from resnet_repro.tracking import environment_info, now_iso
 
 log = logging.getLogger("resnet_repro.train")
@@ -277,6 +277,37 @@ def _silence_other_ranks(dist_info: DistInfo) -> None:
                 handler.setLevel(logging.WARNING)
 
 
+def _busy(exc: RunDirectoryBusy, sweeping: bool) -> str:
+    """Another process trains this run directory: log it; in a sweep return 'busy', else exit EXIT_BUSY."""
+    log.error("run directory busy: %s", exc)
+    if sweeping:
+        return "busy"
+    sys.exit(EXIT_BUSY)
+
+
+def _failed(exc: Exception, run_dir: Path, dist_info: DistInfo, sweeping: bool) -> str:
+    """Record a failed run (failed.json, the log); in a sweep return 'failed' (the sweep goes on), else exit
+    EXIT_CONFIG_ERROR for a config error, EXIT_FAILED for anything else."""
+    if dist_info.is_main:
+        _record_failure(run_dir, exc)
+    config_error = isinstance(exc, (ConfigError, OmegaConfBaseException))
+    if config_error:
+        log.error("config error: %s", exc)
+    else:
+        log.error("run failed: %s: %s (details in %s)", type(exc).__name__, exc, run_dir / FAILED_NAME)
+    if sweeping:
+        return "failed"
+    sys.exit(EXIT_CONFIG_ERROR if config_error else EXIT_FAILED)
+
+
+def _release(lock: RunLock | None) -> None:
+    """Leave torchrun's process group (if this job joined one) and give the run directory back."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    if lock is not None:
+        lock.release()
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(dict_cfg: DictConfig) -> str:
     """Run one job; returns 'finished', 'skipped', 'busy' (another process trains its directory) or 'failed'.
@@ -293,38 +324,21 @@ def main(dict_cfg: DictConfig) -> str:
     try:
         lock = hold_run_directory(run_dir) if dist_info.is_main else None
     except RunDirectoryBusy as exc:  # the other process owns the directory: record nothing in it
-        log.error("run directory busy: %s", exc)
-        if sweeping:
-            return "busy"
-        sys.exit(EXIT_BUSY)
-    if dist_info.world_size == 1 and _finished(run_dir):  # finished by the last holder just now (not under DDP:
-        if lock is not None:  # a rank skipping alone would leave the others waiting for it)
-            lock.release()
-        return "skipped"
-    if dist_info.is_main:
-        (run_dir / FAILED_NAME).unlink(missing_ok=True)
+        return _busy(exc, sweeping)
     try:
+        if dist_info.world_size == 1 and _finished(run_dir):  # finished by the last holder just now (not under
+            return "skipped"  # DDP: a rank skipping alone would leave the others waiting for it)
+        if dist_info.is_main:
+            (run_dir / FAILED_NAME).unlink(missing_ok=True)
         train(to_train_config(dict_cfg), run_dir, dist_info, sweeping)
         return "finished"
     except Preempted as exc:  # not a failure: the whole process (a basic-launcher sweep too) stops to be requeued
         log.warning("preempted: %s", exc)
         sys.exit(EXIT_PREEMPTED)
     except Exception as exc:  # noqa: BLE001 - every failure is recorded; a sweep goes on
-        if dist_info.is_main:
-            _record_failure(run_dir, exc)
-        config_error = isinstance(exc, (ConfigError, OmegaConfBaseException))
-        if config_error:
-            log.error("config error: %s", exc)
-        else:
-            log.error("run failed: %s: %s (details in %s)", type(exc).__name__, exc, run_dir / FAILED_NAME)
-        if sweeping:
-            return "failed"
-        sys.exit(EXIT_CONFIG_ERROR if config_error else EXIT_FAILED)
+        return _failed(exc, run_dir, dist_info, sweeping)
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        if lock is not None:
-            lock.release()
+        _release(lock)
 
 
 _job_started = False  # set when Hydra hands `main` a composed config
