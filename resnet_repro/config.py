@@ -204,7 +204,8 @@ def validate(cfg: TrainConfig, world_size: int = 1, cuda_available: bool | None 
         all(0 < x < o.max_iter for x in ms),
         "optim.milestones",
         ms,
-        f"each milestone must lie in (0, optim.max_iter={o.max_iter})",
+        f"each milestone must lie in (0, optim.max_iter={o.max_iter}); with optim.max_iter={o.max_iter} also set "
+        f"optim.milestones={paper_milestones(o.max_iter)} (the paper's shape: lr / 10 at 50% and 75% of max_iter)",
     )
     _require(o.warmup_lr > 0, "optim.warmup_lr", o.warmup_lr, "a positive number (paper: 0.01)")
     _require(0 < o.warmup_until_err <= 100, "optim.warmup_until_err", o.warmup_until_err, "a percentage in (0, 100]")
@@ -238,6 +239,19 @@ def validate(cfg: TrainConfig, world_size: int = 1, cuda_available: bool | None 
         _require(
             precision is not Precision.fp16, "trainer.cuda_graphs", True, "not with trainer.precision=fp16; use bf16"
         )
+
+
+def paper_milestones(max_iter: int) -> str:
+    """The paper's milestones (32k and 48k of 64k iterations: 50% and 75%) scaled to `max_iter`, as an override
+    value; a schedule too short for two distinct milestones gets fewer."""
+    return f"[{','.join(str(m) for m in sorted({max_iter // 2, max_iter * 3 // 4}) if m > 0)}]"
+
+
+def check_batch_fits(batch_size: int, n_train: int) -> None:
+    """Refuse a batch larger than the training split, whose size is known once the data is loaded."""
+    _require(
+        batch_size <= n_train, "data.batch_size", batch_size, f"at most the {n_train} images of the training split"
+    )
 
 
 def warmup_enabled(optim: OptimConfig, depth: int | None) -> bool:

@@ -28,6 +28,7 @@ from resnet_repro.config import (
     Device,
     Precision,
     TrainConfig,
+    check_batch_fits,
     register_configs,
     to_train_config,
     validate,
@@ -144,6 +145,7 @@ def _train_on(cfg: TrainConfig, run_dir: Path, dist_info: DistInfo, device: torc
 
     arrays = load_data(cfg)
     train_arrays, val_arrays = split_validation(arrays, cfg.data.val_split, cfg.seed)
+    check_batch_fits(cfg.data.batch_size, len(train_arrays.y_train))
     data = DeviceData(train_arrays, val_arrays, device, cfg.data.normalize.value, cfg.data.augment, cfg.seed)
     data_sha256 = arrays.sha256()
     log.info(
