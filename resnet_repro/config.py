@@ -155,90 +155,68 @@ def _reject_undeclared_keys(node: DictConfig, schema: type, prefix: str) -> None
             _reject_undeclared_keys(node[key], section, f"{full}.")
 
 
-def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+def require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Unless `ok`, raise ConfigError "`key`=`value` is not allowed: `allowed`"."""
     if not ok:
         raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
 
 
-def validate(cfg: TrainConfig, world_size: int = 1, cuda_available: bool | None = None) -> None:
-    """Check ranges and combinations; raise ConfigError naming the full key. Builds nothing."""
+def validate(cfg: TrainConfig, world_size: int = 1) -> None:
+    """Check ranges and combinations; raise ConfigError naming the full key. Builds nothing. What the device
+    decides (fp16, CUDA graphs) is checked by device.check_device_options."""
     from resnet_repro.models import validate_model_args
 
     validate_model_args(cfg.model.arch, cfg.model.depth, str(Shortcut(cfg.model.shortcut).value))
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.trainer
-    _require(m.num_classes >= 2, "model.num_classes", m.num_classes, "an integer >= 2")
-    _require(d.batch_size >= 1, "data.batch_size", d.batch_size, "a positive integer (paper: 128)")
-    _require(
+    require(m.num_classes >= 2, "model.num_classes", m.num_classes, "an integer >= 2")
+    require(d.batch_size >= 1, "data.batch_size", d.batch_size, "a positive integer (paper: 128)")
+    require(
         d.batch_size % world_size == 0,
         "data.batch_size",
         d.batch_size,
         f"must be divisible by the number of processes ({world_size}); use e.g. {128 // world_size * world_size}",
     )
     per_rank = d.batch_size // world_size
-    _require(m.bn_group >= 0, "model.bn_group", m.bn_group, "0 (whole batch) or a positive divisor of the batch")
+    require(m.bn_group >= 0, "model.bn_group", m.bn_group, "0 (whole batch) or a positive divisor of the batch")
     if m.bn_group:
-        _require(
+        require(
             per_rank % m.bn_group == 0,
             "model.bn_group",
             m.bn_group,
             f"must divide the per-process batch {per_rank} (data.batch_size / processes); e.g. 64 for batch 128",
         )
-    _require(d.val_split >= 0, "data.val_split", d.val_split, "0 or a positive number of images (paper: 5000)")
-    _require(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "a positive integer")
+    require(d.val_split >= 0, "data.val_split", d.val_split, "0 or a positive number of images (paper: 5000)")
+    require(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "a positive integer")
     if DataSource(d.source) is DataSource.npz:
-        _require(d.path is not None, "data.path", d.path, "data=npz needs data.path=FILE.npz")
-        _require(Path(d.path).is_file(), "data.path", d.path, "file not found; give an existing .npz file")
-    _require(o.lr > 0, "optim.lr", o.lr, "a positive number (paper: 0.1)")
-    _require(0 <= o.momentum < 1, "optim.momentum", o.momentum, "a number in [0, 1) (paper: 0.9)")
-    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a non-negative number (paper: 1e-4)")
-    _require(0 < o.gamma <= 1, "optim.gamma", o.gamma, "a number in (0, 1] (paper: 0.1)")
-    _require(o.max_iter >= 1, "optim.max_iter", o.max_iter, "a positive number of iterations (paper: 64000)")
+        require(d.path is not None, "data.path", d.path, "data=npz needs data.path=FILE.npz")
+        require(Path(d.path).is_file(), "data.path", d.path, "file not found; give an existing .npz file")
+    require(o.lr > 0, "optim.lr", o.lr, "a positive number (paper: 0.1)")
+    require(0 <= o.momentum < 1, "optim.momentum", o.momentum, "a number in [0, 1) (paper: 0.9)")
+    require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a non-negative number (paper: 1e-4)")
+    require(0 < o.gamma <= 1, "optim.gamma", o.gamma, "a number in (0, 1] (paper: 0.1)")
+    require(o.max_iter >= 1, "optim.max_iter", o.max_iter, "a positive number of iterations (paper: 64000)")
     ms = list(o.milestones)
-    _require(
+    require(
         all(a < b for a, b in zip(ms, ms[1:])),
         "optim.milestones",
         ms,
         "strictly increasing iterations, e.g. [32000,48000]",
     )
-    _require(
+    require(
         all(0 < x < o.max_iter for x in ms),
         "optim.milestones",
         ms,
         f"each milestone must lie in (0, optim.max_iter={o.max_iter}); with optim.max_iter={o.max_iter} also set "
         f"optim.milestones={paper_milestones(o.max_iter)} (the paper's shape: lr / 10 at 50% and 75% of max_iter)",
     )
-    _require(o.warmup_lr > 0, "optim.warmup_lr", o.warmup_lr, "a positive number (paper: 0.01)")
-    _require(0 < o.warmup_until_err <= 100, "optim.warmup_until_err", o.warmup_until_err, "a percentage in (0, 100]")
-    _require(o.warmup_window >= 1, "optim.warmup_window", o.warmup_window, "a positive number of minibatches")
-    _require(o.warmup_max_iter >= 1, "optim.warmup_max_iter", o.warmup_max_iter, "a positive number of iterations")
+    require(o.warmup_lr > 0, "optim.warmup_lr", o.warmup_lr, "a positive number (paper: 0.01)")
+    require(0 < o.warmup_until_err <= 100, "optim.warmup_until_err", o.warmup_until_err, "a percentage in (0, 100]")
+    require(o.warmup_window >= 1, "optim.warmup_window", o.warmup_window, "a positive number of minibatches")
+    require(o.warmup_max_iter >= 1, "optim.warmup_max_iter", o.warmup_max_iter, "a positive number of iterations")
     for key in ("log_every", "eval_every", "checkpoint_every"):
         value = getattr(t, key)
-        _require(value >= 1, f"trainer.{key}", value, "a positive number of iterations")
-    _require(t.threads >= 0, "trainer.threads", t.threads, "0 (torch default) or a positive thread count")
-    if cuda_available is None:
-        import torch
-
-        cuda_available = torch.cuda.is_available()
-    device, precision = Device(t.device), Precision(t.precision)
-    _require(
-        not (device is Device.cuda and not cuda_available),
-        "trainer.device",
-        device.value,
-        "CUDA was asked for but torch sees no GPU; use trainer.device=cpu or auto",
-    )
-    on_cpu = device is Device.cpu or (device is Device.auto and not cuda_available)
-    _require(
-        not (on_cpu and precision is Precision.fp16),
-        "trainer.precision",
-        precision.value,
-        "fp16 needs CUDA; on CPU use fp32 (or bf16)",
-    )
-    if t.cuda_graphs:
-        _require(not on_cpu, "trainer.cuda_graphs", True, "CUDA graphs need a GPU; use trainer.cuda_graphs=false")
-        _require(world_size == 1, "trainer.cuda_graphs", True, "one process only; with torchrun use false")
-        _require(
-            precision is not Precision.fp16, "trainer.cuda_graphs", True, "not with trainer.precision=fp16; use bf16"
-        )
+        require(value >= 1, f"trainer.{key}", value, "a positive number of iterations")
+    require(t.threads >= 0, "trainer.threads", t.threads, "0 (torch default) or a positive thread count")
 
 
 def paper_milestones(max_iter: int) -> str:
@@ -249,9 +227,7 @@ def paper_milestones(max_iter: int) -> str:
 
 def check_batch_fits(batch_size: int, n_train: int) -> None:
     """Refuse a batch larger than the training split, whose size is known once the data is loaded."""
-    _require(
-        batch_size <= n_train, "data.batch_size", batch_size, f"at most the {n_train} images of the training split"
-    )
+    require(batch_size <= n_train, "data.batch_size", batch_size, f"at most the {n_train} images of the training split")
 
 
 def warmup_enabled(optim: OptimConfig, depth: int | None) -> bool:

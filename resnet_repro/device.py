@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from resnet_repro.config import Device, Precision
+from resnet_repro.config import Device, Precision, TrainerConfig, require
 from resnet_repro.errors import ConfigError
 from resnet_repro.gpu_slots import acquire_gpu_slot, cuda_gpu_keys, runs_per_gpu
 
@@ -75,6 +75,19 @@ def device_type(requested: Device) -> str:
             "trainer.device=cpu or auto"
         )
     return "cpu"
+
+
+def check_device_options(trainer: TrainerConfig, kind: str, world_size: int) -> None:
+    """Refuse what this job's device (`kind` from device_type) cannot run: fp16 on the CPU; CUDA graphs on the CPU,
+    with several processes or with fp16."""
+    precision = Precision(trainer.precision)
+    on_cpu = kind == "cpu"
+    fp16 = precision is Precision.fp16
+    require(not (on_cpu and fp16), "trainer.precision", precision.value, "fp16 needs CUDA; on CPU use fp32 (or bf16)")
+    if trainer.cuda_graphs:
+        require(not on_cpu, "trainer.cuda_graphs", True, "CUDA graphs need a GPU; use trainer.cuda_graphs=false")
+        require(world_size == 1, "trainer.cuda_graphs", True, "one process only; with torchrun use false")
+        require(not fp16, "trainer.cuda_graphs", True, "not with trainer.precision=fp16; use bf16")
 
 
 def use_cuda_device(device: torch.device) -> None:

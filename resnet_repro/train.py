@@ -35,7 +35,14 @@ from resnet_repro.config import (
     warmup_enabled,
 )
 from resnet_repro.data import DeviceData, load_cifar10, load_npz, split_validation
-from resnet_repro.device import device_type, init_distributed, job_device, resolve_channels_last, resolve_precision
+from resnet_repro.device import (
+    check_device_options,
+    device_type,
+    init_distributed,
+    job_device,
+    resolve_channels_last,
+    resolve_precision,
+)
 from resnet_repro.engine import DistInfo, LoopOptions, Preempted, fit, write_metrics
 from resnet_repro.errors import ConfigError
 from resnet_repro.gpu_slots import local_jobs
@@ -117,7 +124,8 @@ def train(cfg: TrainConfig, run_dir: Path, dist_info: DistInfo, sweeping: bool =
     """Validate, take this job's device (and join torchrun's process group), build everything and fit one run in
     `run_dir`; returns the metrics written to metrics.json."""
     kind = device_type(Device(cfg.trainer.device))
-    validate(cfg, world_size=dist_info.world_size, cuda_available=kind == "cuda")  # before peers are waited for
+    validate(cfg, world_size=dist_info.world_size)  # before peers are waited for
+    check_device_options(cfg.trainer, kind, dist_info.world_size)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     with job_device(kind, dist_info.world_size, sweeping) as device:

@@ -4,6 +4,7 @@ an error with the fix, never a silent CPU run; torchrun ranks take their GPU bef
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from reliability_support import cli_command, cli_env, compose_config, data_overr
 import resnet_repro.device as device_module
 from resnet_repro.config import Device, Precision
 from resnet_repro.device import (
+    check_device_options,
     device_type,
     init_distributed,
     job_device,
@@ -182,3 +184,18 @@ def test_precision_and_layout_follow_the_device() -> None:
     assert resolve_channels_last(None, cuda) and not resolve_channels_last(None, cpu)
     assert resolve_channels_last(True, cpu) and not resolve_channels_last(False, cuda)
 
+
+@pytest.mark.parametrize(
+    ("overrides", "kind", "world_size", "refusal"),
+    [
+        (["trainer.precision=fp16"], "cpu", 1, "trainer.precision='fp16' is not allowed: fp16 needs CUDA"),
+        (["trainer.cuda_graphs=true", "trainer.precision=fp16"], "cuda", 1,
+         "trainer.cuda_graphs=True is not allowed: not with trainer.precision=fp16"),
+        (["trainer.cuda_graphs=true"], "cuda", 2, "trainer.cuda_graphs=True is not allowed: one process only"),
+        (["trainer.cuda_graphs=true"], "cpu", 1, "trainer.cuda_graphs=True is not allowed: CUDA graphs need a GPU"),
+    ],
+)
+def test_what_the_device_cannot_run_is_refused_by_name(overrides, kind, world_size, refusal) -> None:
+    with pytest.raises(ConfigError, match=re.escape(refusal)):
+        check_device_options(compose_config(overrides).trainer, kind, world_size)
+    check_device_options(compose_config(["trainer.cuda_graphs=true"]).trainer, "cuda", 1)  # bf16 on one GPU is fine
