@@ -3,29 +3,20 @@
 K is `$RESNET_REPRO_RUNS_PER_GPU` (default 1; `make bench`'s K table measures what more would gain on a GPU).
 The local launcher (configs/hydra/launcher/local.yaml) runs visible GPUs x K jobs at once (`local_jobs`); each
 job takes, under one machine-wide chooser lock, a free slot of the GPU with the fewest slots held and keeps it
-until its run ends. Slots are `flock` locks on files named by the GPU's UUID, so
-
-- a job that dies (even `kill -9`) releases its slot with its file descriptor, nothing to clean up;
-- separate sweeps on one machine (`make reproduce LAUNCHER=local` launches its experiments together) share the
-  count of each physical GPU: never more than K runs on one GPU;
-- a GPU whose short runs finished gets the next job. A fixed GPU per job number (job j on GPU j mod G) gets this
-  wrong: with plain-20 and ResNet-110 in one sweep, the next job lands on a GPU still busy with long runs while
-  another idles;
-- a job that finds every slot busy waits for one instead of oversubscribing a GPU.
-
-The directory is `$RESNET_REPRO_SLOT_DIR` (default: `resnet_repro-gpu-slots-<uid>` in the system temp folder, one
-per user, since another user's lock files are not ours to open).
+until its run ends, so a GPU whose short runs finished gets the next job, and a job that finds every slot busy
+waits. Slots are `flock` locks on files named by the GPU's UUID in `$RESNET_REPRO_SLOT_DIR` (default: one folder
+per user in the system temp folder): a job that dies, even by `kill -9`, releases its slot, and separate sweeps on
+one machine never put more than K runs on one GPU.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -102,20 +93,10 @@ def _try_lock(path: Path) -> IO[bytes] | None:
     return handle
 
 
-@contextlib.contextmanager
-def exclusive_lock(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive `flock` on `lock_path` (created if missing) for the `with` block, waiting for it."""
-    with open(lock_path, "ab") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _try_acquire(gpu_keys: Sequence[str], runs_per_gpu: int, slot_dir: Path) -> GpuSlot | None:
     """One pass under the chooser lock: a free slot of the GPU with the fewest held slots, or None."""
-    with exclusive_lock(slot_dir / CHOOSER_NAME):  # slot choice, serialised among all jobs of the machine
+    with open(slot_dir / CHOOSER_NAME, "ab") as chooser:  # closing it releases the lock
+        fcntl.flock(chooser, fcntl.LOCK_EX)  # slot choice, serialised among all jobs of the machine
         free: dict[int, list[tuple[int, IO[bytes]]]] = {}
         for index, key in enumerate(gpu_keys):
             free[index] = []
@@ -131,8 +112,7 @@ def _try_acquire(gpu_keys: Sequence[str], runs_per_gpu: int, slot_dir: Path) -> 
                 if index == chosen and position == 0:
                     held = GpuSlot(index, gpu_keys[index], slot, handle)
                 else:
-                    fcntl.flock(handle, fcntl.LOCK_UN)
-                    handle.close()
+                    handle.close()  # and with it the lock
         return held
 
 
@@ -140,10 +120,6 @@ def acquire_gpu_slot(
     gpu_keys: Sequence[str], runs_per_gpu: int, slot_dir: Path | None = None, poll_s: float = 1.0
 ) -> GpuSlot:
     """Block until a slot is free; take one on the GPU with the most free slots (ties: the lowest index)."""
-    if not gpu_keys:
-        raise ValueError("no GPU to take a slot on")
-    if runs_per_gpu < 1:
-        raise ValueError(f"runs_per_gpu={runs_per_gpu} is not valid: a positive integer")
     slot_dir = slot_dir or default_slot_dir()
     slot_dir.mkdir(parents=True, exist_ok=True)
     started = next_log = time.monotonic()
