@@ -41,6 +41,7 @@ from resnet_repro.results import (  # noqa: E402
     model_name,
     provenance,
     runs_table,
+    seeds_note,
     unique_runs,
 )
 
@@ -74,13 +75,6 @@ def figure_groups(runs: Sequence[Run]) -> dict[FigKey, list[Run]]:
         if arch == "plain" or (arch == "resnet" and shortcut == "A"):
             groups.setdefault((arch, depth), []).extend(group)
     return groups
-
-
-def seeds_note(n: int, seed: int | None = None) -> str:
-    """Legend suffix: '' for one run, ' (mean of 2 seeds)', or ' (seed 0 of 2)' when one seed stands for all."""
-    if n == 1:
-        return ""
-    return f" (mean of {n} seeds)" if seed is None else f" (seed {seed} of {n})"
 
 
 def mean_curve(group: Sequence[Run], tag: str) -> tuple[Curve | None, str]:

@@ -1,8 +1,5 @@
-"""Collect finished runs (metrics.json + TensorBoard events) into tidy tables and plain-language verdicts.
-
-Reads only what every run directory holds (metrics.json, TensorBoard events; resnet_repro/run_files.py); every
-number it reports comes from a run.
-"""
+"""Collect finished runs (metrics.json + TensorBoard events) into tidy tables and plain-language verdicts; every
+number it reports comes from a run."""
 
 from __future__ import annotations
 
@@ -26,8 +23,6 @@ log = logging.getLogger(__name__)
 
 ARCH_ORDER = ("plain", "resnet", "preact", "bottleneck", "resnet18")
 ARCH_NAMES = {"plain": "plain", "resnet": "ResNet", "preact": "pre-act ResNet", "bottleneck": "bottleneck ResNet"}
-
-HELPS = ("Residual learning does not help", "Residual learning helps partly", "Residual learning helps")
 
 Curve = tuple[np.ndarray, np.ndarray]
 Errors = tuple[float, float, int]  # mean final train error, mean final test error, number of runs
@@ -149,11 +144,6 @@ def group_runs(runs: Iterable[Run]) -> dict[tuple[str, int | None, str], list[Ru
     return {k: sorted(groups[k], key=lambda r: r.metrics["seed"]) for k in sorted(groups, key=_sort_key)}
 
 
-def summarize(values: Sequence[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (ddof=1; None for a single value)."""
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
 PAPER_NUMERICS = "fp32, BN over 64 images (128 on two GPUs)"  # He et al. 2015, section 4.2
 
 
@@ -175,8 +165,6 @@ def runs_table(runs: Iterable[Run]) -> list[dict[str, Any]]:
     rows = []
     for (arch, depth, shortcut), group in group_runs(runs).items():
         errs = [r.metrics["final_test_err"] for r in group]
-        mean, std = summarize(errs)
-        paper = paper_result(arch, depth, shortcut)
         rows.append(
             {
                 "arch": arch,
@@ -185,10 +173,10 @@ def runs_table(runs: Iterable[Run]) -> list[dict[str, Any]]:
                 "params": group[0].metrics["params"],
                 "n": len(group),
                 "seeds": [r.metrics["seed"] for r in group],
-                "mean": mean,
-                "std": std,
+                "mean": statistics.fmean(errs),
+                "std": statistics.stdev(errs) if len(errs) > 1 else None,  # sample std
                 "best": min(errs),
-                "paper": paper,
+                "paper": paper_result(arch, depth, shortcut),
                 "data": sorted({r.metrics["data"]["label"] for r in group}),
                 "iterations": sorted({r.metrics["iterations"] for r in group}),
                 "numerics": sorted({training_numerics(r.metrics) for r in group}),
@@ -224,9 +212,11 @@ def _final_errors(runs: Iterable[Run], arch: str, shortcut: str | None) -> dict[
     }
 
 
-def _name(arch: str, depth: int, shortcut: str | None, n: int) -> str:
-    """Model name with its seed count when the numbers are means, e.g. 'plain-56 (mean of 2 seeds)'."""
-    return model_name(arch, depth, shortcut) + (f" (mean of {n} seeds)" if n > 1 else "")
+def seeds_note(n: int, seed: int | None = None) -> str:
+    """Name suffix: '' for one run, ' (mean of 2 seeds)', or ' (seed 0 of 2)' when one seed stands for all."""
+    if n == 1:
+        return ""
+    return f" (mean of {n} seeds)" if seed is None else f" (seed {seed} of {n})"
 
 
 # With one seed, a final-error gap under this many points is within run-to-run noise (seed-to-seed spread of the
@@ -272,7 +262,8 @@ def degradation_verdict(runs: Sequence[Run]) -> list[str]:
     sentences = []
     for shallow, deep in combinations(sorted(plain), 2):
         beats, noise, clause = _compare(plain[deep], plain[shallow], "higher")
-        a, b = _name("plain", deep, None, plain[deep][2]), _name("plain", shallow, None, plain[shallow][2])
+        a = model_name("plain", deep) + seeds_note(plain[deep][2])
+        b = model_name("plain", shallow) + seeds_note(plain[shallow][2])
         headline = _headline(beats, noise, "Degradation", "No degradation", "No degradation")
         sentences.append(f"{headline}: {a} ends with {clause} than {b}.")
     if len(plain) < 2:
@@ -282,8 +273,10 @@ def degradation_verdict(runs: Sequence[Run]) -> list[str]:
         resnet = _final_errors(runs, "resnet", shortcut)
         for depth in sorted(set(resnet) & set(plain)):
             beats, noise, clause = _compare(resnet[depth], plain[depth], "lower")
-            a, b = _name("resnet", depth, shortcut, resnet[depth][2]), _name("plain", depth, None, plain[depth][2])
-            headline = _headline(beats, noise, *reversed(HELPS))
+            a = model_name("resnet", depth, shortcut) + seeds_note(resnet[depth][2])
+            b = model_name("plain", depth) + seeds_note(plain[depth][2])
+            helps = ("Residual learning helps", "Residual learning helps partly", "Residual learning does not help")
+            headline = _headline(beats, noise, *helps)
             sentences.append(f"{headline} at depth {depth}: {a} ends with {clause} than {b}.")
     return sentences
 
