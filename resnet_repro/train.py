@@ -34,7 +34,7 @@ from resnet_repro.config import (
     validate,
     warmup_enabled,
 )
-from resnet_repro.data import DeviceData, load_cifar10, load_npz, split_validation
+from resnet_repro.data import DeviceData, ImageArrays, load_cifar10, load_npz, split_validation
 from resnet_repro.device import (
     check_device_options,
     device_type,
@@ -108,7 +108,7 @@ def distributed_info() -> DistInfo:
     return DistInfo(rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)))
 
 
-def load_data(cfg: TrainConfig):
+def load_data(cfg: TrainConfig) -> ImageArrays:
     """Load the configured images once, as uint8 CPU tensors."""
     d = cfg.data
     if DataSource(d.source) is DataSource.npz:
@@ -135,18 +135,14 @@ def train(cfg: TrainConfig, run_dir: Path, dist_info: DistInfo, sweeping: bool =
 
 
 def _train_on(cfg: TrainConfig, run_dir: Path, dist_info: DistInfo, device: torch.device) -> dict[str, Any]:
+    """Load the data, build the model, optimizer and schedule on `device`, fit, and write metrics.json (rank 0)."""
     precision = resolve_precision(Precision(cfg.trainer.precision), device)
     channels_last = resolve_channels_last(cfg.trainer.channels_last, device)
     env = environment_info(device)
     log.info(
         "run dir %s | torch %s CUDA %s cuDNN %s | device %s | threads %d | git %s",
         run_dir,
-        env["torch"],
-        env["cuda"],
-        env["cudnn"],
-        env["device"],
-        env["threads"],
-        env["git_sha"],
+        *(env[key] for key in ("torch", "cuda", "cudnn", "device", "threads", "git_sha")),
     )
     for directory in (run_dir, run_dir / "checkpoints"):  # temp files of atomic writes killed halfway
         remove_stale_temp_files(directory)
@@ -155,14 +151,10 @@ def _train_on(cfg: TrainConfig, run_dir: Path, dist_info: DistInfo, device: torc
     train_arrays, val_arrays = split_validation(arrays, cfg.data.val_split, cfg.seed)
     check_batch_fits(cfg.data.batch_size, len(train_arrays.y_train))
     data = DeviceData(train_arrays, val_arrays, device, cfg.data.normalize.value, cfg.data.augment, cfg.seed)
-    data_sha256 = arrays.sha256()
+    data_sha256, n_test = arrays.sha256(), len(arrays.y_test)
+    n_val = 0 if val_arrays is None else len(val_arrays.y_train)
     log.info(
-        "data: %s (sha256 %s) | train %d, val %d, test %d",
-        arrays.label,
-        data_sha256[:12],
-        data.n_train,
-        0 if val_arrays is None else len(val_arrays.y_train),
-        len(arrays.y_test),
+        "data: %s (sha256 %s) | train %d, val %d, test %d", arrays.label, data_sha256[:12], data.n_train, n_val, n_test
     )
 
     torch.manual_seed(cfg.seed)
@@ -204,8 +196,8 @@ def _train_on(cfg: TrainConfig, run_dir: Path, dist_info: DistInfo, device: torc
             "label": arrays.label,
             "sha256": data_sha256,
             "n_train": data.n_train,
-            "n_val": 0 if val_arrays is None else len(val_arrays.y_train),
-            "n_test": len(arrays.y_test),
+            "n_val": n_val,
+            "n_test": n_test,
         },
     }
     log.info(
@@ -230,19 +222,8 @@ def _train_on(cfg: TrainConfig, run_dir: Path, dist_info: DistInfo, device: torc
         compute_responses=cfg.responses,
         description=f"{cfg.model.arch}-{cfg.model.depth}",
     )
-    identity = {"data_sha256": data_sha256, "precision": precision.value}
-    metrics = fit(
-        model,
-        optimizer,
-        schedule,
-        data,
-        run_dir,
-        options,
-        config_fingerprint(config_dict),
-        run_info,
-        dist_info,
-        identity,
-    )
+    identity, fingerprint = {"data_sha256": data_sha256, "precision": precision.value}, config_fingerprint(config_dict)
+    metrics = fit(model, optimizer, schedule, data, run_dir, options, fingerprint, run_info, dist_info, identity)
     if dist_info.is_main:
         write_metrics(run_dir, metrics)
         log.info(
@@ -256,6 +237,7 @@ def _train_on(cfg: TrainConfig, run_dir: Path, dist_info: DistInfo, device: torc
 
 
 def _record_failure(run_dir: Path, exc: BaseException) -> None:
+    """Write failed.json: the error, the date and the traceback."""
     atomic_write_json(
         run_dir / FAILED_NAME,
         {
