@@ -143,6 +143,7 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
 
 
 def _reject_undeclared_keys(node: DictConfig, schema: type, prefix: str) -> None:
+    """Raise ConfigError for the first key of `node` (recursively) that `schema` does not declare."""
     declared = {f.name: f for f in fields(schema)}
     for key in node:
         if key == "hydra":

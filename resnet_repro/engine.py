@@ -112,12 +112,14 @@ class StopSignal:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignal:
+        """Install the handler for the three signals (in the main thread only), remembering the previous ones."""
         for sig in self.SIGNALS:
             with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
+        """Remember which signal arrived; the loop stops at its next step boundary."""
         self.received = signum
 
     def pass_on(self) -> None:
@@ -129,6 +131,7 @@ class StopSignal:
             previous(self.received, None)
 
     def __exit__(self, *exc) -> None:
+        """Put the previous handlers back."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 

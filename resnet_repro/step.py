@@ -196,17 +196,20 @@ class GraphedIteration:
             self.capture()
 
     def _load(self, iteration: int) -> None:
+        """Copy iteration `iteration`'s image indices, crop offsets and flips into the static buffers."""
         idx, oy, ox, flip = self.data.stream_indices(iteration * self.batch_size, self.batch_size)
         for static, value in ((self.idx, idx), (self.offset_y, oy), (self.offset_x, ox), (self.flip, flip)):
             static.copy_(value, non_blocking=True)
 
     def _body(self) -> torch.Tensor:
+        """Gather and augment the batch of the static buffers, step and count it; returns the number wrong."""
         images, labels = self.data.gather(self.idx, self.offset_y, self.offset_x, self.flip)
         loss_sum, wrong, bad = self.step(images, labels)
         self.acc.add(loss_sum, wrong, bad, self.batch_size)
         return wrong
 
     def _state_tensors(self) -> list[torch.Tensor]:
+        """Every tensor a training step changes: parameters, buffers, momentum buffers, accumulators."""
         model, optimizer = self.step.model, self.step.optimizer
         momentum = [optimizer.state[p]["momentum_buffer"] for p in self.step.params if p in optimizer.state]
         return [*model.parameters(), *model.buffers(), *momentum, *self.acc.tensors()]
