@@ -8,12 +8,8 @@
 Steps: `python -m resnet_repro.download` (skipped with --data), then per experiment
 `python -m resnet_repro.train -m experiment=X ...`, then `python -m resnet_repro.plot RUN_DIRS --out
 results/<data slug>/<profile>`. Rerunning the same command skips finished runs and resumes interrupted ones. A failed
-experiment is reported and the others still run; the exit status is 1 when anything failed.
-
-The plot step gets exactly this invocation's runs (read from each sweep's sweep_summary.json), not everything under
-runs/. The paper experiment files share configurations (e.g. ResNet-20 seed 0 is in fig6_resnet, table6, shortcuts
-and fig7); the paper profile trains each configuration once (see PROFILES), and copies trained by hand are drawn
-once, so a table never counts one seed twice.
+experiment is reported and the others still run; the exit status is 1 when anything failed. The plot step draws
+exactly this invocation's runs (from each sweep's sweep_summary.json), each configuration once.
 """
 
 from __future__ import annotations
@@ -52,11 +48,9 @@ class Experiment:
     overrides: tuple[str, ...] = ()
 
 
-# Every configuration of the paper's experiment files once, longest last (ResNet-1202) so that, one experiment at a
-# time, every other result is there early (launched together, the order is reversed: see run_experiments). The files not
-# run hold only copies (every run records Figure 7's responses): fig6_resnet = table6's seed 0, fig7 = fig6_plain's
-# and table6's depth 20/56, fig7_110 = table6's ResNet-110 seed 0; so are shortcuts' option A and fig6_deep's
-# ResNet-110 (table6's). The plots draw each configuration from whichever run holds it.
+# Every configuration of the paper's experiment files once, longest last (ResNet-1202; launched together, the order is
+# reversed). The files not run (fig6_resnet, fig7, fig7_110) and the overrides' left-out values hold only
+# configurations table6 or fig6_plain train; the plots draw each configuration from whichever run holds it.
 PROFILES: dict[str, tuple[Experiment, ...]] = {
     "paper": (
         Experiment("fig6_plain"),
@@ -75,16 +69,13 @@ TITLE_SUFFIX = {
     "cpu": " — CPU profile: the paper's schedule shortened (lr 0.1, ÷10 at 50% and 75%)",
 }
 LAUNCHERS = ("basic", "local", "slurm", "submitit_local")
-# The device a profile's runs must train on (unless the command line names one): the paper profile's 64k-iteration
-# runs are GPU work, so a torch that sees no GPU stops it at once instead of training on CPU for weeks.
+# The device a profile's runs must train on unless the command line names one (no weeks of paper runs on a CPU).
 PROFILE_DEVICE = {"paper": "cuda", "cpu": "cpu"}
-# Launchers whose sweeps run several jobs at once: with them the experiments are launched together (their jobs
-# share the GPUs through gpu_slots, or queue in Slurm), so no GPU idles while one experiment waits for its longest
-# run. Each experiment's output then goes to runs/<data>/<experiment>/reproduce.log.
+# Launchers whose sweeps run several jobs at once: the experiments are launched together, so no GPU idles while one
+# experiment waits for its longest run; each one's output goes to runs/<data>/<experiment>/reproduce.log.
 CONCURRENT_LAUNCHERS = ("local", "slurm")
 REPRODUCE_LOG = "reproduce.log"
 LAUNCH_STAGGER_S = 20.0  # between concurrent launches, longest experiment first: its runs take the slots first
-LAUNCHERS_SUBMITTING_ELSEWHERE = ("slurm",)  # the submitting host may have no GPU; the jobs check their own
 EXIT_STOPPED = 3  # SIGTERM/SIGINT: passed on to the running sweep, which checkpoints; rerun to resume (as train.py)
 
 
@@ -116,16 +107,6 @@ def hydra_quote(value: str) -> str:
 def experiment_file(experiment: str) -> DictConfig:
     """An experiment file as written (its own keys, not composed with the defaults)."""
     return OmegaConf.load(CONFIG_DIR / "experiment" / f"{experiment}.yaml")
-
-
-def experiment_dir_name(experiment: str) -> str:
-    """The `experiment:` value an experiment file sets (its runs go to runs_dir/<data>/<that>)."""
-    return experiment_file(experiment).get("experiment", experiment)
-
-
-def quick_lr() -> str:
-    """The learning rate of experiment `quick` (it differs from the paper's; the titles say so)."""
-    return str(experiment_file("quick").optim.lr)
 
 
 def train_command(experiment: Experiment, args: argparse.Namespace) -> list[str]:
@@ -176,7 +157,7 @@ def cpu_speed_overrides() -> list[str]:
 
 def missing_gpu(args: argparse.Namespace) -> str | None:
     """Why the profile cannot start here (its runs need CUDA, and the trainer's device check finds none), or None."""
-    if device_overrides(args) != ["trainer.device=cuda"] or args.launcher in LAUNCHERS_SUBMITTING_ELSEWHERE:
+    if device_overrides(args) != ["trainer.device=cuda"] or args.launcher == "slurm":  # Slurm jobs check their own
         return None
     from resnet_repro.config import Device
     from resnet_repro.device import device_type  # imports torch, so only when the profile needs a GPU
@@ -250,15 +231,6 @@ def stop_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGTERM)
 
 
-def start_in_own_group(cmd: list[str], log_path: Path | None) -> subprocess.Popen:
-    """Start `cmd` in a new process group, its output on the console (log_path None) or appended to log_path."""
-    if log_path is None:
-        return subprocess.Popen(cmd, start_new_session=True)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a") as log:
-        return subprocess.Popen(cmd, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
-
-
 @dataclass
 class Launches:
     """The commands started so far, and the stop signals received while they run (passed on to all of them)."""
@@ -289,10 +261,17 @@ class Launches:
             stop_group(proc)
 
     def start(self, step: Step, log_path: Path | None) -> None:
-        """Announce `step` and start its command (stopped at once if a signal came while it was starting)."""
+        """Announce `step` and start its command in a new process group, its output on the console (log_path None)
+        or appended to log_path; stopped at once if a signal came while it was starting."""
         where = f"\n    output: {log_path}" if log_path else ""
         print(f"\n=== {step.name}: {shlex.join(step.cmd)}{where}", flush=True)
-        self.procs.append(start_in_own_group(step.cmd, log_path))
+        if log_path is None:
+            proc = subprocess.Popen(step.cmd, start_new_session=True)
+        else:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "a") as log:
+                proc = subprocess.Popen(step.cmd, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
         if self.signals:  # the signal came before `forward` could see this command
             stop_group(self.procs[-1])
 
@@ -314,15 +293,11 @@ def wait_for_all(steps: Sequence[Step], procs: Sequence[subprocess.Popen], start
 
 
 def run_steps(steps: Sequence[Step], logs: Sequence[Path | None], stagger_s: float = 0.0) -> list[int]:
-    """Run the commands at once, each with its output on the console (log None) or appended to its log file;
-    wait for all; return their process ids.
+    """Run the commands at once, each `stagger_s` after the previous one, with its output on the console (log None)
+    or appended to its log file; wait for all; return their process ids.
 
-    Each command runs in its own process group, and SIGTERM, Ctrl-C (SIGINT) or a closed terminal (SIGHUP)
-    reaching reproduce is passed on to every group as SIGTERM: every local training process, also the launchers'
-    workers (which would otherwise go on training as orphans of a dead sweep), checkpoints at its next step
-    boundary and exits. (Slurm jobs run on: `scancel` stops them. A SIGKILL of reproduce reaches no command.)
-    With several commands, each starts `stagger_s` after the previous one, so the first ones' runs take their GPU
-    slots first."""
+    SIGTERM, SIGINT or SIGHUP reaching reproduce is passed on as SIGTERM to every command's process group, so every
+    local training process, the launchers' workers included, checkpoints and exits (Slurm jobs run on: `scancel`)."""
     launches = Launches()
     started = time.perf_counter()
     with launches.forwarding_signals():
@@ -338,11 +313,6 @@ def run_steps(steps: Sequence[Step], logs: Sequence[Path | None], stagger_s: flo
         signal_name = signal.Signals(launches.signals[0]).name
         raise Stopped(f"{names} stopped by {signal_name}; rerun the same command to resume")
     return [proc.pid for proc in launches.procs]
-
-
-def run_step(step: Step) -> int:
-    """Run one command with its output on the console (see run_steps); return its process id."""
-    return run_steps([step], [None])[0]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -403,12 +373,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def sweep_dir(args: argparse.Namespace, experiment: str) -> Path:
     """Where an experiment's sweep writes its runs and its sweep_summary.json."""
-    return Path(args.runs_dir) / data_slug(args) / experiment_dir_name(experiment)
+    return Path(args.runs_dir) / data_slug(args) / experiment_file(experiment).get("experiment", experiment)
 
 
 def plot_command(args: argparse.Namespace, run_dirs: Sequence[str]) -> list[str]:
     """The command that draws `run_dirs` into the profile's results directory."""
-    suffix = TITLE_SUFFIX[args.profile].format(lr=quick_lr())
+    suffix = TITLE_SUFFIX[args.profile].format(lr=experiment_file("quick").optim.lr)
     title = ["--title-suffix", suffix] if suffix else []
     return [sys.executable, "-m", "resnet_repro.plot", *run_dirs, "--out", str(results_dir(args)), *title]
 
@@ -441,7 +411,7 @@ def run_all(args: argparse.Namespace, steps: list[Step], argv: Sequence[str] | N
 def download(steps: Sequence[Step]) -> bool:
     """Run the download step, if any; False, having said so, when it failed."""
     for step in steps:
-        run_step(step)
+        run_steps([step], [None])
         if step.rc != 0:
             print(
                 f"\nreproduce: the download failed (exit {step.rc}); nothing else was run. Check the network, "
@@ -473,7 +443,7 @@ def plot(args: argparse.Namespace, steps: list[Step]) -> list[Path]:
         print(f"reproduce: {copy} trains the same configuration as {original}; drawn once", flush=True)
     step = Step(f"[{len(steps) + 1}/{len(steps) + 1}] plot", plot_command(args, [str(d) for d in run_dirs]))
     if run_dirs:
-        run_step(step)
+        run_steps([step], [None])
     else:
         step.status, step.note = "failed", "no run directories to draw"
     steps.append(step)

@@ -189,7 +189,7 @@ def test_a_stopped_reproduce_stops_the_launchers_workers_too(tmp_path: Path, sig
     deadline = time.monotonic() + 30
     threading.Thread(target=lambda: _signal_when(ready, sig, deadline), daemon=True).start()
     with pytest.raises(reproduce.Stopped, match=signal.Signals(sig).name):
-        reproduce.run_step(step)
+        reproduce.run_steps([step], [None])
     assert got.read_text() == "TERM" and step.status == "failed"
 
 
