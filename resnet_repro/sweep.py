@@ -1,19 +1,14 @@
 """Sweep bookkeeping: which run directories a multirun will use, and what happened to each of them.
 
-`SweepSummary` is a Hydra callback (registered in configs/train.yaml under `hydra.callbacks`). At the start of a
-multirun it lists the sweep's run directories (the sweeper's parameters from the experiment file combined with the
-command line, exactly as Hydra's basic sweeper combines them) and notes which are already finished. At the end it
-prints one line per run, appends the same text to `<sweep dir>/sweeps.log`, writes `<sweep dir>/sweep_summary.json`
-and exits with status 4 (EXIT_SWEEP_FAILED) when a run failed or is incomplete, after every other run finished:
+`SweepSummary`, a Hydra callback (configs/train.yaml, `hydra.callbacks`), lists the sweep's run directories when a
+multirun starts (as Hydra's basic sweeper combines the experiment file's parameters with the command line) and notes
+which are finished. At the end it prints one line per run, appends it to `<sweep dir>/sweeps.log`, writes
+`<sweep dir>/sweep_summary.json` and exits with status 4 (EXIT_SWEEP_FAILED) when a run failed or is incomplete:
 
 - finished: metrics.json was written during this sweep;
 - skipped: metrics.json existed before the sweep started (train.py does not train it again);
 - failed: failed.json was written during this sweep (its error line is shown);
 - incomplete: neither (killed, never started, or its job crashed); rerunning the same command resumes it.
-
-With `hydra/launcher=slurm` on a cluster without accounting (`AccountingStorageType=accounting_storage/none`, as on
-a single-machine Slurm), the callback also has submitit read job states from `squeue` instead of `sacct`
-(`use_squeue_without_slurm_accounting`).
 """
 
 from __future__ import annotations
@@ -42,9 +37,7 @@ from resnet_repro.tracking import now_iso
 
 STATUSES = ("finished", "skipped", "failed", "incomplete")
 SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
-# The state given to a job that squeue no longer lists (see SqueueWatcher): it has ended, and without accounting
-# Slurm no longer knows how. submitit then reads the job's result file (every normal end writes one, a requeue
-# included), or reports the job as "has not produced any output (state: ENDED)" with its log.
+# The state of a job squeue no longer lists: it has ended, and submitit reads its result file (or reports its log).
 SQUEUE_GONE_STATE = "ENDED"
 EXIT_SWEEP_FAILED = 4  # failed or incomplete runs at the end (train.py: 1 failed, 2 config, 3 preempted, 5 busy)
 
@@ -205,15 +198,9 @@ def _squeue_watcher_class() -> type:
 
 
 def use_squeue_without_slurm_accounting(config: DictConfig) -> bool:
-    """Under hydra/launcher=slurm on a cluster without accounting, make submitit follow its jobs with squeue.
-
-    submitit asks `sacct` for the state of the jobs it waits for. Without accounting (a single-machine Slurm,
-    `AccountingStorageType=accounting_storage/none`) every poll fails, and prints "Slurm accounting storage is
-    disabled" and a three-times-repeated "Bypassing sacct error ... status may be inaccurate" warning: noise over
-    the sweep's progress. Worse, the states stay unknown, so a job that dies without a result file (killed before
-    Python started, out of memory) is waited for forever. squeue knows every job the controller holds, so with it
-    the warnings are gone and such a job ends the wait. Clusters with accounting keep sacct (it remembers jobs for
-    longer than the controller does). Returns whether squeue is now used."""
+    """Under hydra/launcher=slurm on a cluster without accounting (a single-machine Slurm), make submitit follow its
+    jobs with squeue: its `sacct` polls would fail with a warning each, and a job that died without a result file
+    would be waited for forever. Clusters with accounting keep sacct. Returns whether squeue is now used."""
     target = OmegaConf.select(config, "hydra.launcher._target_", default=None)
     if target != SLURM_LAUNCHER or not slurm_accounting_disabled():
         return False
