@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from resnet_repro.bench.helpers import random_cifar, sync
+from resnet_repro.bench.helpers import random_cifar
 from resnet_repro.bench.rows import Row, skip_reason
 from resnet_repro.bench.runners import RECIPE, Runner, make_runner
 from resnet_repro.data import ImageArrays
@@ -41,6 +41,12 @@ class Result:
     projected_64k_s: float | None = None
     one_time_s: float | None = None  # build_s minus the warm-up iterations at ms_per_iter: compile, capture, workers
     speedup: float | None = None
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def time_window(runner: Runner, iters: int, device: torch.device) -> float:

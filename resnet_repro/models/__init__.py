@@ -6,9 +6,8 @@ from collections.abc import Callable
 from torch import nn
 
 from resnet_repro.errors import ConfigError
-from resnet_repro.models.cifar_resnet import paper_resnet
+from resnet_repro.models.cifar_resnet import paper_resnet, resnet18
 from resnet_repro.models.preact import preact_bottleneck, preact_resnet
-from resnet_repro.models.resnet18 import ResNet18
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +18,7 @@ _BUILDERS: dict[str, Callable[[int | None, str, int], nn.Module]] = {
     "resnet": lambda depth, shortcut, num_classes: paper_resnet(depth, True, shortcut, num_classes),
     "preact": lambda depth, shortcut, num_classes: preact_resnet(depth, shortcut, num_classes),
     "bottleneck": lambda depth, shortcut, num_classes: preact_bottleneck(depth, num_classes),
-    "resnet18": lambda depth, shortcut, num_classes: ResNet18(num_classes),
+    "resnet18": lambda depth, shortcut, num_classes: resnet18(num_classes),
 }
 ARCHS: tuple[str, ...] = tuple(_BUILDERS)
 

@@ -1,4 +1,5 @@
-"""The CIFAR-10 networks of He et al. 2015, section 4.2: plain and residual nets of depth 6n+2.
+"""The CIFAR-10 networks of He et al. 2015, section 4.2: plain and residual nets of depth 6n+2, and the CIFAR
+variant of ResNet-18 built from the same blocks.
 
 Also holds the building blocks the other model files share: conv helpers, the parameter-free option-A shortcut,
 stage construction and the He initialisation.
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 PAPER_WIDTHS = (16, 32, 64)  # filters of the three stages (32x32, 16x16, 8x8 maps), section 4.2
+RESNET18_WIDTHS = (64, 128, 256, 512)
 
 BlockFactory = Callable[[int, int, int], nn.Module]  # (in_channels, out_channels, stride) -> block
 
@@ -130,3 +132,11 @@ class CifarResNet(nn.Module):
 def paper_resnet(depth: int, residual: bool, shortcut: str = "A", num_classes: int = 10) -> CifarResNet:
     """The paper's CIFAR net of depth 6n+2: residual (with ``shortcut`` A/B/C) or plain."""
     return CifarResNet(PAPER_WIDTHS, (depth - 2) // 6, shortcut if residual else None, num_classes)
+
+
+def resnet18(num_classes: int = 10) -> CifarResNet:
+    """CIFAR ResNet-18: 3x3 stem, no max-pool, 64/128/256/512 channels, two basic blocks per stage, 1x1 conv+BN
+    projections where the shape changes (option B)."""
+    model = CifarResNet(RESNET18_WIDTHS, 2, "B", num_classes)
+    model.arch = "resnet18"
+    return model

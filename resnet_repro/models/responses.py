@@ -1,14 +1,10 @@
 """Figure 7 of the paper: standard deviations of the 3x3 layers' responses (after BN, before ReLU/addition)."""
 
-import logging
-
 import torch
 from torch import nn
 
 from resnet_repro.errors import ConfigError
 from resnet_repro.models.cifar_resnet import CifarResNet
-
-logger = logging.getLogger(__name__)
 
 FIGURE7_ARCHS = ("plain", "resnet")
 
@@ -61,6 +57,4 @@ def layer_response_std(model: nn.Module, images: torch.Tensor, batch_size: int =
             handle.remove()
     count = torch.tensor(counts, dtype=torch.float64)
     means = sums / count
-    stds = (squares / count - means.square()).clamp_min(0).sqrt().tolist()
-    logger.debug("response std of %d layers over %d images", len(stds), len(images))
-    return stds
+    return (squares / count - means.square()).clamp_min(0).sqrt().tolist()
