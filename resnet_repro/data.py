@@ -74,30 +74,27 @@ def load_cifar10(root: str | Path, download: bool = True) -> ImageArrays:
 def load_npz(path: str | Path, label: str | None = None, num_classes: int = 10) -> ImageArrays:
     """Read an npz of uint8 NHWC images and integer labels, checking every array; errors name the file."""
     path = Path(path)
+    where = f"data.path={str(path)!r}"
     if not path.is_file():
-        raise ConfigError(f"data.path={str(path)!r}: file not found")
+        raise ConfigError(f"{where}: file not found")
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in NPZ_KEYS if key in npz.files}
             present = list(npz.files)
     except Exception as exc:  # numpy raises several types for a corrupt archive
-        raise ConfigError(f"data.path={str(path)!r}: not a readable .npz file ({type(exc).__name__}: {exc})") from exc
+        raise ConfigError(f"{where}: not a readable .npz file ({type(exc).__name__}: {exc})") from exc
     missing = [key for key in NPZ_KEYS if key not in arrays]
     if missing:
-        raise ConfigError(f"data.path={str(path)!r}: missing arrays {missing}; found {present}; need {list(NPZ_KEYS)}")
+        raise ConfigError(f"{where}: missing arrays {missing}; found {present}; need {list(NPZ_KEYS)}")
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
-            raise ConfigError(
-                f"data.path={str(path)!r}: x_{split} must be uint8 of shape (N, 32, 32, 3), got {x.dtype} {x.shape}"
-            )
+            raise ConfigError(f"{where}: x_{split} must be uint8 of shape (N, 32, 32, 3), got {x.dtype} {x.shape}")
         if y.ndim != 1 or y.shape[0] != x.shape[0] or not np.issubdtype(y.dtype, np.integer):
-            raise ConfigError(
-                f"data.path={str(path)!r}: y_{split} must be integer labels of shape ({x.shape[0]},), "
-                f"got {y.dtype} {y.shape}"
-            )
+            need = f"integer labels of shape ({x.shape[0]},)"
+            raise ConfigError(f"{where}: y_{split} must be {need}, got {y.dtype} {y.shape}")
         if y.size and (y.min() < 0 or y.max() >= num_classes):
-            raise ConfigError(f"data.path={str(path)!r}: y_{split} labels must lie in 0..{num_classes - 1}")
+            raise ConfigError(f"{where}: y_{split} labels must lie in 0..{num_classes - 1}")
     return ImageArrays(
         x_train=torch.from_numpy(arrays["x_train"]),
         y_train=torch.from_numpy(arrays["y_train"].astype(np.int64)),
@@ -159,13 +156,6 @@ class Normalizer:
         return (images_uint8.float() / 255.0 - self.mean) * self.scale
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The generator that decides one epoch's order, crops and flips: a pure function of (seed, epoch)."""
-    g = torch.Generator(device="cpu")
-    g.manual_seed((seed * 1_000_003 + epoch) % (2**63))
-    return g
-
-
 @dataclass
 class EpochPlan:
     """Order and augmentation of every image in one epoch (drawn together, so resume needs no RNG state)."""
@@ -177,8 +167,8 @@ class EpochPlan:
 
 
 def plan_epoch(n: int, seed: int, epoch: int, augment: bool, device: torch.device) -> EpochPlan:
-    """Draw the permutation, crop offsets and flips of epoch `epoch` for `n` images."""
-    g = epoch_generator(seed, epoch)
+    """Epoch `epoch`'s permutation, crop offsets and flips for `n` images: a pure function of (seed, epoch)."""
+    g = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + epoch) % (2**63))
     order = torch.randperm(n, generator=g)
     if augment:
         offsets = torch.randint(0, 2 * PAD + 1, (2, n), generator=g)
@@ -233,6 +223,7 @@ class DeviceData:
         return len(self.y_train)
 
     def _plan(self, epoch: int) -> EpochPlan:
+        """Epoch `epoch`'s plan, drawn on first use; only it and the epoch before are kept."""
         if epoch not in self._plans:
             self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
             self._plans[epoch] = plan_epoch(self.n_train, self.seed, epoch, self.augment, self.device)
