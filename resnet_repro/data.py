@@ -50,13 +50,13 @@ class ImageArrays:
         return h.hexdigest()
 
 
-def load_cifar10(root: str | Path, download: bool = True) -> ImageArrays:
+def load_cifar10(root: str | Path) -> ImageArrays:
     """CIFAR-10 through torchvision (downloaded into `root` the first time), as uint8 tensors."""
     from torchvision.datasets import CIFAR10
 
     try:
-        train = CIFAR10(str(root), train=True, download=download)
-        test = CIFAR10(str(root), train=False, download=download)
+        train = CIFAR10(str(root), train=True, download=True)
+        test = CIFAR10(str(root), train=False, download=True)
     except (RuntimeError, OSError) as exc:
         raise ConfigError(
             f"data.root={str(root)!r}: could not load or download CIFAR-10 ({exc}). Check the network, or use "

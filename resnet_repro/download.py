@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from resnet_repro.data import load_cifar10
 
     try:
-        arrays = load_cifar10(args.root, download=True)
+        arrays = load_cifar10(args.root)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -21,7 +21,6 @@ class PaperResult:
 
     depth: int
     test_err: float  # the number printed in the table (for ResNet-110: the best of 5 runs)
-    params: str  # as printed, e.g. "0.27M"
     mean_std: str | None = None  # "mean±std" over runs, only printed for ResNet-110
 
     def describe(self) -> str:
@@ -33,12 +32,12 @@ class PaperResult:
 TABLE6: dict[int, PaperResult] = {
     r.depth: r
     for r in (
-        PaperResult(20, 8.75, "0.27M"),
-        PaperResult(32, 7.51, "0.46M"),
-        PaperResult(44, 7.17, "0.66M"),
-        PaperResult(56, 6.97, "0.85M"),
-        PaperResult(110, 6.43, "1.7M", mean_std="6.61±0.16"),
-        PaperResult(1202, 7.93, "19.4M"),
+        PaperResult(20, 8.75),
+        PaperResult(32, 7.51),
+        PaperResult(44, 7.17),
+        PaperResult(56, 6.97),
+        PaperResult(110, 6.43, mean_std="6.61±0.16"),
+        PaperResult(1202, 7.93),
     )
 }
 

@@ -297,10 +297,7 @@ def provenance(runs: Sequence[Run]) -> dict[str, str]:
         "iterations": _span(f"{m['iterations']:,} of {m['max_iter']:,}" for m in done),
         "devices": _span(m.get("device") for m in done),
         "numerics": f"{_span(training_numerics(m) for m in done)} (paper: {PAPER_NUMERICS})",
-        "torch": _span(v.get("torch") for v in versions),
-        "cuda": _span(v.get("cuda") for v in versions),
-        "cudnn": _span(v.get("cudnn") for v in versions),
-        "git_sha": _span(v.get("git_sha") for v in versions),
+        **{key: _span(v.get(key) for v in versions) for key in ("torch", "cuda", "cudnn", "git_sha")},
         "dates": f"{dates[0]} to {dates[-1]}" if dates else "-",
         "runs": f"{len(done)} finished, {len(runs) - len(done)} failed",
     }

@@ -215,9 +215,8 @@ def use_squeue_without_slurm_accounting(config: DictConfig) -> bool:
 class SweepSummary(Callback):
     """Hydra callback: note finished runs when a multirun starts; print, log and save a summary when it ends."""
 
-    def __init__(self, exit_on_failure: bool = True) -> None:
-        """`exit_on_failure`: end the multirun with EXIT_SWEEP_FAILED when a run failed or is incomplete."""
-        self.exit_on_failure = exit_on_failure
+    def __init__(self) -> None:
+        """Nothing planned yet."""
         self.runs: list[PlannedRun] | None = None
         self.before: dict[Path, dict[str, Any]] = {}
         self.started = now_iso()
@@ -279,5 +278,5 @@ class SweepSummary(Callback):
                 f.write(f"[{ended}] overrides: {' '.join(summary['command_overrides'])}\n{text}\n\n")
         except OSError as exc:
             print(f"warning: could not write the sweep summary into {sweep_dir}: {exc}", file=sys.stderr)
-        if self.exit_on_failure and (summary["counts"]["failed"] or summary["counts"]["incomplete"]):
+        if summary["counts"]["failed"] or summary["counts"]["incomplete"]:
             sys.exit(EXIT_SWEEP_FAILED)
