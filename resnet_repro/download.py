@@ -17,16 +17,11 @@ from resnet_repro.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """Command-line arguments."""
-    parser = argparse.ArgumentParser(prog="python -m resnet_repro.download", description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default="./data", help="directory for the download (default ./data = data.root)")
-    return parser.parse_args(argv)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Download (if not already there) and load CIFAR-10; print what was found. Exit 2 when it cannot be loaded."""
-    args = parse_args(argv)
+    parser = argparse.ArgumentParser(prog="python -m resnet_repro.download", description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default="./data", help="directory for the download (default ./data = data.root)")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from resnet_repro.data import load_cifar10
 

@@ -13,6 +13,7 @@ which are finished. At the end it prints one line per run, appends it to `<sweep
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -113,12 +114,10 @@ def run_status(run: PlannedRun, before: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {"name": run.name, "dir": str(run.dir), "overrides": run.overrides, "error": None}
     if metrics.is_file():
         row["status"] = "skipped" if before["metrics"] else "finished"
-        try:
-            m = json.loads(metrics.read_text())
-            row.update(test_err=m.get("final_test_err"), train_err=m.get("final_train_err"))
-            row["wall_s"] = m.get("wall_time_s")
-        except (OSError, ValueError):
-            pass
+        with contextlib.suppress(OSError, ValueError):
+            done = json.loads(metrics.read_text())
+            row.update(test_err=done.get("final_test_err"), train_err=done.get("final_train_err"))
+            row["wall_s"] = done.get("wall_time_s")
         return row
     failed_now = _file_state(failed)
     if failed_now is not None:
