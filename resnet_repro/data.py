@@ -198,13 +198,7 @@ class DeviceData:
     """Training and evaluation images resident on one device as uint8, normalised and augmented there."""
 
     def __init__(
-        self,
-        data: ImageArrays,
-        val: ImageArrays | None,
-        device: torch.device,
-        normalize: str,
-        augment: bool,
-        seed: int,
+        self, data: ImageArrays, val: ImageArrays | None, device: torch.device, normalize: str, augment: bool, seed: int
     ) -> None:
         self.device = device
         self.augment = augment

@@ -147,9 +147,7 @@ def format_summary(sweep_dir: str, rows: list[dict[str, Any]]) -> str:
             detail = f"test err {r['test_err']:.2f}%  train err {r['train_err']:.2f}%"
             if r["status"] == "skipped":
                 detail += "  (metrics.json existed before this sweep)"
-        elif r["status"] == "failed":
-            detail = r["error"]
-        elif r["status"] == "incomplete":
+        elif r["status"] in ("failed", "incomplete"):
             detail = r["error"] or "no metrics.json or failed.json; rerun the same command to resume it"
         else:
             detail = ""

@@ -110,11 +110,7 @@ class CifarResNet(nn.Module):
     """
 
     def __init__(
-        self,
-        widths: Sequence[int],
-        blocks_per_stage: int,
-        shortcut: str | None,
-        num_classes: int = 10,
+        self, widths: Sequence[int], blocks_per_stage: int, shortcut: str | None, num_classes: int = 10
     ) -> None:
         super().__init__()
         self.arch = "plain" if shortcut is None else "resnet"
