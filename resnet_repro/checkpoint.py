@@ -7,9 +7,9 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -61,7 +61,7 @@ def config_fingerprint(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(cleaned, sort_keys=True).encode()).hexdigest()
 
 
-def atomic_write_bytes(path: Path, write) -> None:
+def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write a file so that readers see the old version or the new one, never a partial one.
 
     `write(f)` writes into a temp file in the same directory; it is flushed, fsynced and renamed over `path`,
