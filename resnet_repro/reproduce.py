@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -126,33 +125,16 @@ def train_command(experiment: Experiment, args: argparse.Namespace) -> list[str]
 
 def device_overrides(args: argparse.Namespace) -> list[str]:
     """The profile's device (`trainer.device=cuda` for the paper profile) and, for the CPU profile, the fastest
-    settings measured on a CPU (cpu_speed_overrides), unless the command line sets those keys itself."""
+    settings measured on a CPU (device.cpu_speed_overrides), unless the command line sets those keys itself."""
     given = {o.lstrip("+").split("=", 1)[0] for o in args.overrides}
     wanted = []
     if args.profile in PROFILE_DEVICE:
         wanted.append(f"trainer.device={PROFILE_DEVICE[args.profile]}")
     if args.profile == "cpu":
-        wanted += cpu_speed_overrides()
+        from resnet_repro import device  # imports torch, so only for this profile
+
+        wanted += device.cpu_speed_overrides()
     return [o for o in wanted if o.split("=", 1)[0] not in given]
-
-
-def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """Does this CPU compute bf16 natively (x86 avx512_bf16 or amx_bf16)? Without it bf16 autocast is emulated and
-    slower than fp32."""
-    try:
-        flags = cpuinfo.read_text()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
-
-
-def cpu_speed_overrides() -> list[str]:
-    """The CPU profile's numerics, the fastest measured (results/bench/bench-cpu*.md, make bench): with native bf16
-    (a 2-core Zen 4) bf16 autocast trains ResNet-20/56 about 1.6x faster than fp32; without it (a 2-core Zen 1, AVX2)
-    bf16 is emulated and 5-14x slower, so fp32, where channels_last is 12-13% faster than the default layout."""
-    if cpu_has_native_bf16():
-        return ["trainer.precision=bf16"]
-    return ["trainer.precision=fp32", "trainer.channels_last=true"]
 
 
 def missing_gpu(args: argparse.Namespace) -> str | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from resnet_repro import reproduce
+from resnet_repro import device, reproduce
 from resnet_repro.train import CONFIG_DIR
 
 
@@ -18,16 +18,16 @@ def test_native_bf16_is_read_from_the_cpu_flags(tmp_path: Path, monkeypatch) -> 
     zen4, zen1 = tmp_path / "zen4", tmp_path / "zen1"
     zen4.write_text("flags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n")
     zen1.write_text("flags\t\t: fpu sse avx2 fma sha_ni\n")
-    assert reproduce.cpu_has_native_bf16(zen4) and not reproduce.cpu_has_native_bf16(zen1)
-    assert not reproduce.cpu_has_native_bf16(tmp_path / "missing")
-    monkeypatch.setattr(reproduce, "cpu_has_native_bf16", lambda: True)
-    assert reproduce.cpu_speed_overrides() == ["trainer.precision=bf16"]
-    monkeypatch.setattr(reproduce, "cpu_has_native_bf16", lambda: False)
-    assert reproduce.cpu_speed_overrides() == ["trainer.precision=fp32", "trainer.channels_last=true"]
+    assert device.cpu_has_native_bf16(zen4) and not device.cpu_has_native_bf16(zen1)
+    assert not device.cpu_has_native_bf16(tmp_path / "missing")
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+    assert device.cpu_speed_overrides() == ["trainer.precision=bf16", "trainer.channels_last=true"]
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
+    assert device.cpu_speed_overrides() == ["trainer.precision=fp32", "trainer.channels_last=true"]
 
 
 def test_the_cpu_profile_trains_plain_then_resnet_on_the_cpu(capsys, monkeypatch) -> None:
-    monkeypatch.setattr(reproduce, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
     label = "CIFAR-10 (JPEG re-encoded)"
     assert reproduce.main(["--profile", "cpu", "--dry-run", "--data", "j.npz", "--label", label]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -43,10 +43,10 @@ def test_the_cpu_profile_trains_plain_then_resnet_on_the_cpu(capsys, monkeypatch
 
 
 def test_the_command_line_wins_over_the_profile_numerics(capsys, monkeypatch) -> None:
-    monkeypatch.setattr(reproduce, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
     assert reproduce.main(["--profile", "cpu", "--dry-run", "--data", "j.npz", "trainer.precision=fp32"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
-    assert first.endswith("trainer.device=cpu trainer.precision=fp32") and "bf16" not in first
+    assert first.endswith("trainer.device=cpu trainer.channels_last=true trainer.precision=fp32") and "bf16" not in first
 
 
 def test_fig6_cpu_is_the_paper_recipe_with_a_shortened_schedule_of_the_same_shape() -> None:

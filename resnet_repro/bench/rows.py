@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from resnet_repro.reproduce import cpu_has_native_bf16
+from resnet_repro.device import cpu_has_native_bf16
 
 
 @dataclass(frozen=True)
