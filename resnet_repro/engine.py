@@ -1,6 +1,6 @@
 """The training loop: one counter of iterations, the paper's schedule, periodic evaluation, checkpoints.
 
-`fit()` takes plain arguments (no Hydra). Inside the step loop nothing waits for the device except at
+`fit()` takes plain objects (no Hydra). Inside the step loop nothing waits for the device except at
 logging/evaluation/checkpoint intervals and during the warm-up (whose switch depends on every minibatch's
 error); losses, errors and the non-finite check are accumulated on the device.
 """
@@ -158,25 +158,10 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def fit(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    schedule: Schedule,
-    data: DeviceData,
-    run_dir: Path,
-    options: LoopOptions,
-    fingerprint: str,
-    run_info: dict[str, Any],
-    dist_info: DistInfo | None = None,
-    identity: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """Train to `options.max_iter`, resuming from run_dir/checkpoints/last.pt if present; return metrics.
-
-    `model` may be wrapped (DDP, torch.compile). `run_info` (arch, depth, config, versions, ...) is copied into
-    metrics.json, which rank 0 writes last and atomically. `fingerprint` (the config's) and `identity` (the data's
-    hash, the training precision) are stored in every checkpoint; a resume must match both.
-    """
-    run = TrainingRun(model, optimizer, schedule, data, run_dir, options, fingerprint, identity or {}, dist_info)
+def fit(run: TrainingRun, run_info: dict[str, Any]) -> dict[str, Any]:
+    """Train `run` to `options.max_iter` (from where its checkpoint left off) and return its metrics; `run_info`
+    (arch, depth, config, versions, ...) is copied into metrics.json, which rank 0 writes last and atomically."""
+    options, schedule = run.options, run.schedule
     state = run.state
     try:
         with StopSignal() as stop:
@@ -208,8 +193,12 @@ def _due(iteration: int, every: int, done: bool) -> bool:
 
 
 class TrainingRun:
-    """One `fit` call: resumed from its checkpoint if there is one, with the work `fit`'s loop does besides the
-    iteration itself (warm-up, log points, evaluations, checkpoints, the stop at a signal)."""
+    """What `fit` trains: the model, resumed from run_dir/checkpoints/last.pt if there is one, with the work `fit`'s
+    loop does besides the iteration itself (warm-up, log points, evaluations, checkpoints, the stop at a signal).
+
+    `model` may be wrapped (DDP, torch.compile). `fingerprint` (the config's) and `identity` (the data's hash, the
+    training precision) are stored in every checkpoint; a resume must match both.
+    """
 
     def __init__(
         self,
@@ -221,7 +210,7 @@ class TrainingRun:
         options: LoopOptions,
         fingerprint: str,
         identity: dict[str, str],
-        dist_info: DistInfo | None,
+        dist_info: DistInfo | None = None,
     ) -> None:
         self.model, self.plain_model, self.schedule, self.data = model, unwrap(model), schedule, data
         self.options, self.dist_info, self.device = options, dist_info or DistInfo(), data.device

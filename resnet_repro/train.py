@@ -43,7 +43,7 @@ from resnet_repro.device import (
     resolve_channels_last,
     resolve_precision,
 )
-from resnet_repro.engine import DistInfo, LoopOptions, Preempted, fit, write_metrics
+from resnet_repro.engine import DistInfo, LoopOptions, Preempted, TrainingRun, fit, write_metrics
 from resnet_repro.errors import ConfigError
 from resnet_repro.gpu_slots import local_jobs
 from resnet_repro.models import build_model, count_parameters
@@ -223,7 +223,8 @@ def _train_on(cfg: TrainConfig, run_dir: Path, dist_info: DistInfo, device: torc
         description=f"{cfg.model.arch}-{cfg.model.depth}",
     )
     identity, fingerprint = {"data_sha256": data_sha256, "precision": precision.value}, config_fingerprint(config_dict)
-    metrics = fit(model, optimizer, schedule, data, run_dir, options, fingerprint, run_info, dist_info, identity)
+    run = TrainingRun(model, optimizer, schedule, data, run_dir, options, fingerprint, identity, dist_info)
+    metrics = fit(run, run_info)
     if dist_info.is_main:
         write_metrics(run_dir, metrics)
         log.info(

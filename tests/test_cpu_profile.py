@@ -46,7 +46,8 @@ def test_the_command_line_wins_over_the_profile_numerics(capsys, monkeypatch) ->
     monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
     assert reproduce.main(["--profile", "cpu", "--dry-run", "--data", "j.npz", "trainer.precision=fp32"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
-    assert first.endswith("trainer.device=cpu trainer.channels_last=true trainer.precision=fp32") and "bf16" not in first
+    assert first.endswith("trainer.device=cpu trainer.channels_last=true trainer.precision=fp32")
+    assert "bf16" not in first
 
 
 def test_fig6_cpu_is_the_paper_recipe_with_a_shortened_schedule_of_the_same_shape() -> None:

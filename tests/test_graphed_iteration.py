@@ -14,7 +14,7 @@ from reliability_support import make_tiny_npz, state_digest
 
 from resnet_repro.bench.helpers import random_cifar
 from resnet_repro.data import DeviceData, load_npz
-from resnet_repro.engine import LoopOptions, fit
+from resnet_repro.engine import LoopOptions, TrainingRun, fit
 from resnet_repro.models import build_model
 from resnet_repro.optim import Schedule, make_sgd
 from resnet_repro.step import (
@@ -133,7 +133,8 @@ def _fit(run_dir: Path, npz: Path, cuda_graphs: bool, max_iter: int) -> str:
         max_iter=max_iter, batch_size=16, eval_batch_size=500, log_every=4, eval_every=6, checkpoint_every=6,
         progress=False, compute_responses=False, cuda_graphs=cuda_graphs,
     )
-    fit(model, optimizer, Schedule(0.1, [8, 10], 0.1), data, run_dir, options, "f" * 64, {"arch": "resnet"})
+    run = TrainingRun(model, optimizer, Schedule(0.1, [8, 10], 0.1), data, run_dir, options, "f" * 64, {})
+    fit(run, {"arch": "resnet"})
     return state_digest(run_dir / "checkpoints" / "last.pt")
 
 
