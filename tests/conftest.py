@@ -18,7 +18,7 @@ torch.set_num_threads(int(os.environ.get("RESNET_REPRO_TEST_THREADS", "2")))
 
 @pytest.fixture(scope="session")
 def sample_npz() -> Path:
-    """The 6,102 genuine CIFAR-10 images (../shared/data/cifar10-sample); required in CI, skipped elsewhere."""
+    """The 6,102 genuine CIFAR-10 images (SAMPLE_NPZ); required in CI, skipped elsewhere."""
     if not SAMPLE_NPZ.is_file():
         if os.environ.get("CI"):
             pytest.fail(f"CI needs the CIFAR-10 sample at {SAMPLE_NPZ}")

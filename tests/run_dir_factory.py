@@ -1,4 +1,5 @@
-"""Fabricate run directories exactly as the run-directory contract (DESIGN.md §4) describes them.
+"""Fabricate run directories exactly as train.py writes them (the run-directory contract:
+file names in resnet_repro/run_files.py).
 
 Used by the results/plot tests, and usable to diff a fabricated directory against a real run's.
 """
@@ -25,7 +26,8 @@ SAMPLE_DATA = {
 
 
 def cifar_params(depth: int, shortcut: str = "A") -> int:
-    """Exact parameter count of the CIFAR plain/ResNet of this depth (DESIGN.md §1 table)."""
+    """Exact parameter count of the CIFAR plain/ResNet of this depth (the counts
+    tests/test_models.py pins)."""
     n = (depth - 2) // 6
     total = 3 * 16 * 9 + 2 * 16 + 64 * 10 + 10  # stem conv + BN, FC
     for stage, (c_in, c_out) in enumerate(((16, 16), (16, 32), (32, 64))):

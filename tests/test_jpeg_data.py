@@ -1,8 +1,8 @@
 """The full-scale data path on CPU: decode a few hundred of the JPEG re-encoded CIFAR-10 images to npz and train.
 
-../shared/data/cifar10-jpeg holds all 60,000 images as train|test/<class>/NNNN.jpg, numbered in the official
-order within each class; its to_npz.py decodes them all (about 20 s) for GPU runs. Here every 100th file is
-decoded the same way (PIL, RGB) and checked against the genuine pixels of the CIFAR-10 sample.
+The JPEG set (a folder `cifar10-jpeg` beside the CIFAR-10 sample) holds all 60,000 images as
+train|test/<class>/NNNN.jpg, numbered in the official order within each class; its to_npz.py decodes them all
+(about 20 s) for GPU runs. Here every 100th file is decoded the same way (PIL, RGB) and checked against the genuine pixels of the CIFAR-10 sample.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from resnet_repro.models.ghost_bn import GhostBatchNorm2d, use_ghost_batch_norm
 SMALL_DEPTH = {"plain": 20, "resnet": 20, "preact": 20, "bottleneck": 29, "resnet18": None}
 TINY_DEPTH = {"plain": 8, "resnet": 8, "preact": 8, "bottleneck": 11, "resnet18": None}  # one block per stage
 
-# DESIGN.md table: depth -> (A = plain, B, C), 10 classes
+# Exact parameter counts of the CIFAR nets, 10 classes: depth -> (option A = plain, option B, option C)
 PAPER_COUNTS = {
     20: (269_722, 272_474, 283_962),
     56: (853_018, 855_770, 900_858),
