@@ -2,7 +2,8 @@
 
 The JPEG set (a folder `cifar10-jpeg` beside the CIFAR-10 sample) holds all 60,000 images as
 train|test/<class>/NNNN.jpg, numbered in the official order within each class; its to_npz.py decodes them all
-(about 20 s) for GPU runs. Here every 100th file is decoded the same way (PIL, RGB) and checked against the genuine pixels of the CIFAR-10 sample.
+(about 20 s) for GPU runs. Here every 100th file is decoded the same way (PIL, RGB) and checked against the
+genuine pixels of the CIFAR-10 sample.
 """
 
 from __future__ import annotations
