@@ -30,6 +30,7 @@ from resnet_repro.checkpoint import (
 )
 from resnet_repro.data import DeviceData
 from resnet_repro.optim import Schedule
+from resnet_repro.run_dir import Preempted
 from resnet_repro.run_files import METRICS_NAME
 from resnet_repro.step import Accumulators, TrainStep, make_iteration, match_parameter_layouts
 from resnet_repro.tracking import Progress, ScalarLog, now_iso
@@ -41,10 +42,6 @@ EVAL_PRECISION = "fp32"  # test/val errors and Figure-7 responses: always fp32 (
 
 class NonFiniteError(RuntimeError):
     """A loss or gradient became NaN/inf; the update of that iteration was not applied."""
-
-
-class Preempted(RuntimeError):
-    """SIGTERM/SIGUSR1/SIGUSR2 arrived; a checkpoint was written at a step boundary."""
 
 
 class NotRequeued(RuntimeError):

@@ -7,11 +7,8 @@ torchrun --nproc-per-node=2 -m resnet_repro.train model.depth=110
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +17,8 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from resnet_repro.checkpoint import atomic_write_json, config_fingerprint, remove_stale_temp_files
+from resnet_repro.checkpoint import config_fingerprint, remove_stale_temp_files
 from resnet_repro.config import (
     DataSource,
     Device,
@@ -43,52 +39,20 @@ from resnet_repro.device import (
     resolve_channels_last,
     resolve_precision,
 )
-from resnet_repro.engine import DistInfo, LoopOptions, Preempted, TrainingRun, fit, write_metrics
-from resnet_repro.errors import ConfigError
+from resnet_repro.engine import DistInfo, LoopOptions, TrainingRun, fit, write_metrics
 from resnet_repro.gpu_slots import local_jobs
 from resnet_repro.models import build_model, count_parameters
 from resnet_repro.models.ghost_bn import use_ghost_batch_norm
 from resnet_repro.optim import Schedule, Warmup, make_sgd
-from resnet_repro.run_files import FAILED_NAME, METRICS_NAME, data_dir_name
-from resnet_repro.run_lock import RunDirectoryBusy, RunLock, hold_run_directory, holder
-from resnet_repro.tracking import environment_info, now_iso
+from resnet_repro.run_dir import EXIT_CONFIG_ERROR, hydra_subdir, own_run_directory, run_log, run_name
+from resnet_repro.run_files import METRICS_NAME, data_dir_name
+from resnet_repro.tracking import environment_info
 
 log = logging.getLogger("resnet_repro.train")
 
-EXIT_CONFIG_ERROR = 2  # the command line or config is wrong (Hydra's own rejections too, via `cli`); nothing ran
-EXIT_FAILED = 1
-EXIT_PREEMPTED = 3  # SIGTERM/SIGUSR1/SIGUSR2: checkpoint written; rerun the same command to resume
-EXIT_BUSY = 5  # another process is training this run directory (run_lock.py); nothing was written into it
-NAME_MAX_BYTES = 255  # the longest file name Linux file systems accept
 # Absolute, so the console script and in-process calls find the configs too (a relative path would be resolved
 # against the package `resnet_repro` when the module is not run as __main__).
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
-
-
-def run_name(override_dirname: str) -> str:
-    """Run directory name from the command-line overrides ('default' when there are none). A name too long for a
-    file name is cut and ends in a hash of the whole, so different overrides still name different directories."""
-    name = override_dirname.replace("/", "_") or "default"
-    if len(name.encode()) <= NAME_MAX_BYTES:
-        return name
-    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
-    return f"{name.encode()[: NAME_MAX_BYTES - len(digest) - 1].decode(errors='ignore')}-{digest}"
-
-
-def _hands_off(output_dir: str) -> bool:
-    """Is the run directory finished, or being trained by another process? Then this job must not write into it."""
-    return (Path(output_dir) / METRICS_NAME).exists() or holder(Path(output_dir)) is not None
-
-
-def hydra_subdir(output_dir: str) -> str | None:
-    """`hydra.output_subdir`: `.hydra`, or None (Hydra saves nothing) for a finished run or one another process
-    trains, which stay untouched."""
-    return None if _hands_off(output_dir) else ".hydra"
-
-
-def run_log(output_dir: str) -> str:
-    """The job's log file: `train.log` in the run directory, or os.devnull for a finished (skipped) or busy run."""
-    return os.devnull if _hands_off(output_dir) else str(Path(output_dir) / "train.log")
 
 
 register_configs()
@@ -237,27 +201,6 @@ def _train_on(cfg: TrainConfig, run_dir: Path, dist_info: DistInfo, device: torc
     return metrics
 
 
-def _record_failure(run_dir: Path, exc: BaseException) -> None:
-    """Write failed.json: the error, the date and the traceback."""
-    atomic_write_json(
-        run_dir / FAILED_NAME,
-        {
-            "status": "failed",
-            "error": f"{type(exc).__name__}: {exc}",
-            "date": now_iso(),
-            "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-        },
-    )
-
-
-def _finished(run_dir: Path) -> bool:
-    """Does `run_dir` hold metrics.json? Then the run is finished, and this job skips it (logged)."""
-    if not (run_dir / METRICS_NAME).exists():
-        return False
-    log.info("skipped: %s exists (the run is finished; delete it to train again)", run_dir / METRICS_NAME)
-    return True
-
-
 def _silence_other_ranks(dist_info: DistInfo) -> None:
     """Under torchrun, rank 0 alone writes train.log and the console's progress; the other ranks print only
     warnings and errors (each rank's own, e.g. a rank that fails)."""
@@ -268,37 +211,6 @@ def _silence_other_ranks(dist_info: DistInfo) -> None:
                 root.removeHandler(handler)
             else:
                 handler.setLevel(logging.WARNING)
-
-
-def _busy(exc: RunDirectoryBusy, sweeping: bool) -> str:
-    """Another process trains this run directory: log it; in a sweep return 'busy', else exit EXIT_BUSY."""
-    log.error("run directory busy: %s", exc)
-    if sweeping:
-        return "busy"
-    sys.exit(EXIT_BUSY)
-
-
-def _failed(exc: Exception, run_dir: Path, dist_info: DistInfo, sweeping: bool) -> str:
-    """Record a failed run (failed.json, the log); in a sweep return 'failed' (the sweep goes on), else exit
-    EXIT_CONFIG_ERROR for a config error, EXIT_FAILED for anything else."""
-    if dist_info.is_main:
-        _record_failure(run_dir, exc)
-    config_error = isinstance(exc, (ConfigError, OmegaConfBaseException))
-    if config_error:
-        log.error("config error: %s", exc)
-    else:
-        log.error("run failed: %s: %s (details in %s)", type(exc).__name__, exc, run_dir / FAILED_NAME)
-    if sweeping:
-        return "failed"
-    sys.exit(EXIT_CONFIG_ERROR if config_error else EXIT_FAILED)
-
-
-def _release(lock: RunLock | None) -> None:
-    """Leave torchrun's process group (if this job joined one) and give the run directory back."""
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    if lock is not None:
-        lock.release()
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
@@ -312,26 +224,17 @@ def main(dict_cfg: DictConfig) -> str:
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
     dist_info = distributed_info()
     _silence_other_ranks(dist_info)
-    if _finished(run_dir):  # before the lock, which would add its file to a finished run's directory
-        return "skipped"
     try:
-        lock = hold_run_directory(run_dir) if dist_info.is_main else None
-    except RunDirectoryBusy as exc:  # the other process owns the directory: record nothing in it
-        return _busy(exc, sweeping)
-    try:
-        if dist_info.world_size == 1 and _finished(run_dir):  # finished by the last holder just now (not under
-            return "skipped"  # DDP: a rank skipping alone would leave the others waiting for it)
-        if dist_info.is_main:
-            (run_dir / FAILED_NAME).unlink(missing_ok=True)
-        train(to_train_config(dict_cfg), run_dir, dist_info, sweeping)
-        return "finished"
-    except Preempted as exc:  # not a failure: the whole process (a basic-launcher sweep too) stops to be requeued
-        log.warning("preempted: %s", exc)
-        sys.exit(EXIT_PREEMPTED)
-    except Exception as exc:  # noqa: BLE001 - every failure is recorded; a sweep goes on
-        return _failed(exc, run_dir, dist_info, sweeping)
-    finally:
-        _release(lock)
+        return own_run_directory(
+            lambda: train(to_train_config(dict_cfg), run_dir, dist_info, sweeping),
+            run_dir,
+            dist_info.rank,
+            dist_info.world_size,
+            sweeping,
+        )
+    finally:  # leave torchrun's process group, if this job joined one
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 _job_started = False  # set when Hydra hands `main` a composed config

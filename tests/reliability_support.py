@@ -292,8 +292,9 @@ def ddp_worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
     """One gloo rank of `torch.multiprocessing.spawn`; runs each job {cfg, run_dir, nan_on: (rank, iteration) or
     None, fault_on: (rank, spec) or None} in turn and writes what happened to <run_dir>.rank<r>.txt."""
     import resnet_repro.train as train_module
-    from resnet_repro.engine import NonFiniteError, Preempted
+    from resnet_repro.engine import NonFiniteError
     from resnet_repro.models import build_model
+    from resnet_repro.run_dir import Preempted
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

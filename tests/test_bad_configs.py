@@ -24,6 +24,7 @@ from reliability_support import (  # noqa: F401  (pinned_threads: an autouse fix
 )
 
 import resnet_repro.train as train_module
+from resnet_repro.run_dir import EXIT_CONFIG_ERROR
 
 # (id, command-line arguments, substrings the output must contain: the full key and the allowed values)
 # {npz}, {missing}, {garbage}, {no_arrays}, {wrong_dtype} are files made by the `files` fixture.
@@ -124,7 +125,7 @@ def test_bad_command_line_is_rejected_before_a_model_is_built(args, expected, fi
         train_module.cli()
     elapsed = time.monotonic() - start
     out = "".join(capsys.readouterr())
-    assert info.value.code == train_module.EXIT_CONFIG_ERROR, out
+    assert info.value.code == EXIT_CONFIG_ERROR, out
     for text in expected:
         assert text in out, f"{text!r} not in:\n{out}"
     assert built == [] and not (run_dir / "checkpoints").exists()

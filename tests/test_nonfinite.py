@@ -28,6 +28,7 @@ from reliability_support import (  # noqa: F401  (pinned_threads: an autouse fix
 import resnet_repro.train as train_module
 from resnet_repro.models import build_model
 from resnet_repro.optim import make_sgd
+from resnet_repro.run_dir import EXIT_FAILED
 from resnet_repro.step import TrainStep
 from resnet_repro.sweep import EXIT_SWEEP_FAILED
 
@@ -154,7 +155,7 @@ def test_nan_stops_the_run_naming_the_iteration_keeps_the_checkpoint_and_writes_
     with pytest.raises(SystemExit) as info:
         train_module.cli()
     out = "".join(capsys.readouterr())
-    assert info.value.code == train_module.EXIT_FAILED
+    assert info.value.code == EXIT_FAILED
     assert "non-finite loss or gradient at iteration 6" in out and "Traceback" not in out
     assert _same(snapshots[6], snapshots[5])  # the bad update was not applied
     assert not _same(snapshots[7], snapshots[6])  # (the good ones were)

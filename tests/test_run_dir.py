@@ -1,4 +1,4 @@
-"""One training process per run directory (resnet_repro/run_lock.py): a second one is refused before it touches
+"""One training process per run directory (resnet_repro/run_dir.py): a second one is refused before it touches
 anything (not even Hydra's .hydra/ or train.log), a sweep reports who holds the directory, and a killed holder
 frees it."""
 
@@ -22,10 +22,10 @@ from reliability_support import (  # noqa: F401  (pinned_threads: an autouse fix
     run_cli,
 )
 
-from resnet_repro.run_lock import RunDirectoryBusy, hold_run_directory, holder
+from resnet_repro.run_dir import RunDirectoryBusy, hold_run_directory, holder
 from resnet_repro.sweep import PlannedRun, run_status
 
-HOLD = "import sys; from pathlib import Path; from resnet_repro.run_lock import hold_run_directory as h; " \
+HOLD = "import sys; from pathlib import Path; from resnet_repro.run_dir import hold_run_directory as h; " \
        "lock = h(Path(sys.argv[1])); print('held', flush=True); sys.stdin.read()"  # fmt: skip
 
 
@@ -49,8 +49,8 @@ def test_a_second_holder_is_refused_with_the_first_ones_name_until_it_ends(tmp_p
     assert holder(tmp_path) is None
     mine = hold_run_directory(tmp_path)
     assert holder(tmp_path).startswith(f"pid {os.getpid()} on ")  # another open file description sees it taken
-    mine.release()
-    mine.release()  # idempotent
+    mine()
+    mine()  # idempotent
     assert holder(tmp_path) is None
 
 
@@ -58,7 +58,7 @@ def test_kill9_of_the_holder_frees_the_directory(tmp_path: Path) -> None:
     other = hold_in_another_process(tmp_path)
     os.kill(other.pid, signal.SIGKILL)
     other.wait(timeout=30)
-    hold_run_directory(tmp_path).release()  # no stale lock: the kernel released it with the process
+    hold_run_directory(tmp_path)()  # no stale lock: the kernel released it with the process
 
 
 def test_the_command_line_refuses_a_run_directory_in_use_and_leaves_it_alone(sample_npz: Path, tmp_path: Path):

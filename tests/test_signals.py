@@ -28,7 +28,8 @@ from reliability_support import (  # noqa: F401  (pinned_threads: an autouse fix
 )
 
 import resnet_repro.train as train_module
-from resnet_repro.engine import NotRequeued, Preempted
+from resnet_repro.engine import NotRequeued
+from resnet_repro.run_dir import EXIT_PREEMPTED, Preempted
 
 
 def test_sigusr1_checkpoints_at_the_next_step_boundary_and_the_rerun_is_bit_exact(reference, tmp_path):
@@ -60,7 +61,7 @@ def test_sigterm_from_outside_through_the_command_line_then_rerun_is_bit_exact(r
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == train_module.EXIT_PREEMPTED, out[-3000:]
+    assert proc.returncode == EXIT_PREEMPTED, out[-3000:]
     assert "SIGTERM received" in out and "rerun the same command to resume" in out and "Traceback" not in out
     stopped_at = checkpoint_iteration(run_dir)
     assert 15 <= stopped_at < 60 and not (run_dir / "metrics.json").exists()
@@ -84,7 +85,7 @@ def test_sigterm_stops_a_whole_basic_launcher_sweep_not_just_its_current_run(sam
         with faults.inject("step@5/term"):
             train_module.cli()
 
-    assert run_forked(launch) == train_module.EXIT_PREEMPTED
+    assert run_forked(launch) == EXIT_PREEMPTED
     seed0 = next(runs.glob("*/default/*seed=0*"))
     assert checkpoint_iteration(seed0) == 6 and not (seed0 / "failed.json").exists()
     assert not list(runs.glob("*/default/*seed=1*"))
