@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import queue
 import statistics
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.multiprocessing import ProcessRaisedException
 
 from resnet_repro.bench import cli, measure, rows
 from resnet_repro.bench.rows import BY_KEY, select, skip_reason
@@ -60,8 +60,7 @@ def test_the_report_has_every_row_in_table_order_with_its_numbers(bench_run) -> 
         assert r["speedup"] == pytest.approx(rows["baseline"]["ms_per_iter"] / r["ms_per_iter"])
     for key in ("ours-2", "ours-3"):  # bf16: runs, unless this CPU emulates it
         assert rows[key]["status"] == "ok" or rows[key]["note"].startswith("bf16 is emulated on this CPU")
-    assert "compile-on-cpu" in rows["ours-4"]["note"] and "compile-on-cpu" in rows["ours-1c"]["note"]
-    assert all(rows[k]["note"] == "CUDA only" for k in ("ours-5", "ours-5b", "ours-5bg"))
+    assert all(rows[k]["note"] == "CUDA only" for k in ("ours-4", "ours-5", "ours-5b", "ours-5bg"))
     assert rows["ours-3g"]["note"] == "needs a batch above 64 (--batch-size 16)"
     assert "skipped: CUDA only" in md
 
@@ -96,15 +95,14 @@ def fake_runners(monkeypatch) -> tuple[list, dict[str, float]]:
 
 def opts(**changes) -> argparse.Namespace:
     """Tiny benchmark options."""
-    return argparse.Namespace(**{"batch_size": 16, "warmup": 1, "iters": 3, "windows": 2, "workers": 0,
-                                 "compile_on_cpu": False, **changes})  # fmt: skip
+    return argparse.Namespace(**{"batch_size": 16, "warmup": 1, "iters": 3, "windows": 2, "workers": 0, **changes})
 
 
 def test_rows_are_warmed_up_then_timed_interleaved_in_rounds(fake_runners) -> None:
     calls, ms = fake_runners
     ms.update(baseline=20.0, **{"ours-1": 10.0})
     results, saved = [], []
-    measure.measure_arch("resnet", 8, select("baseline,ours-1,ours-1cl"), opts(), CPU, None, results, saved.append)
+    measure.measure_arch("resnet-8", select("baseline,ours-1,ours-1cl"), opts(), CPU, None, results, saved.append)
     order = ["baseline", "ours-1", "ours-1cl"]
     assert calls == [(k, 1) for k in order] + [(k, 3) for k in order] * 2
     assert saved == ["1 of 2 rounds of resnet-8", "2 of 2 rounds of resnet-8"]
@@ -115,10 +113,10 @@ def test_rows_are_warmed_up_then_timed_interleaved_in_rounds(fake_runners) -> No
 def test_a_benchmark_stopped_mid_way_leaves_a_partial_report(tmp_path: Path, fake_runners, monkeypatch) -> None:
     """The report is rewritten after every round and K, so a time limit's stop keeps what was finished."""
 
-    def k_then_stop(arch, depth, k, row, options, device) -> dict:
+    def k_then_stop(spec, k, row, options, device) -> dict:
         if k == 2:
             raise KeyboardInterrupt  # what a time limit's signal does
-        return {"arch": f"{arch}-{depth}", "row": row.key, "k": k, "threads_per_process": 1, "status": "ok",
+        return {"arch": spec, "row": row.key, "k": k, "threads_per_process": 1, "status": "ok",
                 "wall_s": 1.0, "img_per_s": 32.0}  # fmt: skip
 
     monkeypatch.setattr(cli, "measure_k", k_then_stop)
@@ -138,29 +136,31 @@ def test_a_benchmark_stopped_mid_way_leaves_a_partial_report(tmp_path: Path, fak
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
 
 
-def test_the_k_processes_answers_end_at_the_first_error_or_the_timeout(monkeypatch) -> None:
-    answers: queue.Queue = queue.Queue()
-    for said in (None, "RuntimeError: out of memory", None):
-        answers.put(said)
-    assert measure.gather(answers, 3) == [None, "RuntimeError: out of memory"]
-    monkeypatch.setattr(measure, "K_TIMEOUT_S", 0.01)
-    assert measure.gather(answers, 3) == [None, "no answer in 0 s"]
+def test_a_failed_k_process_is_reported_by_its_error(monkeypatch) -> None:
+    """torch.multiprocessing.spawn ends the K processes when one fails and raises its traceback; the last line tells."""
+    traceback = "\n\n-- Process 1 terminated with the following error:\nTraceback (...):\nRuntimeError: out of memory\n"
+
+    def spawn_and_fail(*_args, **_kwargs) -> None:
+        raise ProcessRaisedException(traceback, 1, 1234)
+
+    monkeypatch.setattr(torch.multiprocessing, "spawn", spawn_and_fail)
+    entry = measure.measure_k("resnet-8", 2, BY_KEY["ours-1"], opts(threads=1), CPU)
+    assert entry == {"arch": "resnet-8", "row": "ours-1", "k": 2, "threads_per_process": 1, "status": "failed",
+                     "note": "RuntimeError: out of memory"}  # fmt: skip
 
 
 def test_rows_skip_where_they_cannot_run_and_say_why(monkeypatch) -> None:
     cuda = torch.device("cuda")
-    assert skip_reason(BY_KEY["ours-5b"], CPU, True, 128) == "CUDA only"
-    assert skip_reason(BY_KEY["ours-1cl"], cuda, False, 128) == "CPU only"
-    assert skip_reason(BY_KEY["ours-4"], CPU, False, 128) == "CUDA only by default (--compile-on-cpu forces it)"
-    assert skip_reason(BY_KEY["ours-4"], CPU, True, 128) is None
-    assert skip_reason(BY_KEY["ours-4"], cuda, False, 128) is None
-    assert skip_reason(BY_KEY["ours-3g"], cuda, False, 64) == "needs a batch above 64 (--batch-size 64)"
+    assert skip_reason(BY_KEY["ours-5b"], CPU, 128) == skip_reason(BY_KEY["ours-4"], CPU, 128) == "CUDA only"
+    assert skip_reason(BY_KEY["ours-1cl"], cuda, 128) == "CPU only"
+    assert skip_reason(BY_KEY["ours-4"], cuda, 128) is None
+    assert skip_reason(BY_KEY["ours-3g"], cuda, 64) == "needs a batch above 64 (--batch-size 64)"
     monkeypatch.setattr(rows, "cpu_has_native_bf16", lambda: False)  # bf16 emulated: the CPU profile's fp32 too
-    assert skip_reason(BY_KEY["ours-3"], CPU, False, 128).startswith("bf16 is emulated on this CPU")
-    assert skip_reason(BY_KEY["ours-1"], CPU, False, 128) is None
-    assert skip_reason(BY_KEY["ours-3"], cuda, False, 128) is None
+    assert skip_reason(BY_KEY["ours-3"], CPU, 128).startswith("bf16 is emulated on this CPU")
+    assert skip_reason(BY_KEY["ours-1"], CPU, 128) is None
+    assert skip_reason(BY_KEY["ours-3"], cuda, 128) is None
     monkeypatch.setattr(rows, "cpu_has_native_bf16", lambda: True)
-    assert skip_reason(BY_KEY["ours-3"], CPU, False, 128) is None
+    assert skip_reason(BY_KEY["ours-3"], CPU, 128) is None
     assert [r.key for r in select("ours-3,baseline")] == ["baseline", "ours-3"]  # table order
     with pytest.raises(SystemExit, match="unknown \\['ours-9'\\]"):
         select("ours-3,ours-9")
@@ -168,16 +168,16 @@ def test_rows_skip_where_they_cannot_run_and_say_why(monkeypatch) -> None:
 
 def test_the_papers_bn_statistics_row_trains_ghost_bn_over_64_images() -> None:
     """(3g) is (3) with model.bn_group=64, the paper's two-GPU BN statistics: what train.py builds for that key."""
-    from resnet_repro.bench.helpers import random_cifar
-    from resnet_repro.bench.runners import make_runner
+    from resnet_repro.bench.measure import random_cifar
+    from resnet_repro.bench.rows import make_runner
     from resnet_repro.models.ghost_bn import GhostBatchNorm2d
 
     arrays = random_cifar(128, 8)
-    ghost = make_runner(replace(BY_KEY["ours-3g"], precision="fp32"), "resnet", 8, arrays, CPU, 128, 0)  # fp32: fast
+    ghost = make_runner(replace(BY_KEY["ours-3g"], precision="fp32"), "resnet-8", arrays, CPU, 128, 0)  # fp32: fast
     bns = [m for m in ghost.iterate.step.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bns and all(isinstance(m, GhostBatchNorm2d) and m.group_size == 64 for m in bns)
     ghost.run(1)
-    plain = make_runner(BY_KEY["ours-3"], "resnet", 8, arrays, CPU, 128, 0)
+    plain = make_runner(BY_KEY["ours-3"], "resnet-8", arrays, CPU, 128, 0)
     assert not any(isinstance(m, GhostBatchNorm2d) for m in plain.iterate.step.model.modules())
 
 

@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resnet_repro.bench.helpers import random_cifar
+from resnet_repro.bench.measure import random_cifar
 from resnet_repro.data import PAD, DeviceData, crop_and_flip, plan_epoch
 from resnet_repro.models import build_model
 from resnet_repro.optim import lr_at, make_sgd, set_lr

@@ -12,7 +12,7 @@ import pytest
 import torch
 from reliability_support import make_tiny_npz, state_digest
 
-from resnet_repro.bench.helpers import random_cifar
+from resnet_repro.bench.measure import random_cifar
 from resnet_repro.data import DeviceData, load_npz
 from resnet_repro.engine import LoopOptions, TrainingRun, fit
 from resnet_repro.models import build_model

@@ -16,8 +16,7 @@ from typing import Any
 
 import torch
 
-from resnet_repro.bench.helpers import random_cifar
-from resnet_repro.bench.measure import Result, measure_arch, measure_k
+from resnet_repro.bench.measure import Result, measure_arch, measure_k, random_cifar
 from resnet_repro.bench.rows import BY_KEY, select, skip_reason
 from resnet_repro.checkpoint import atomic_write_bytes
 from resnet_repro.config import Device
@@ -47,17 +46,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.add_argument(flag, type=kind, help=f"{text} (default: CUDA {on_cuda}, CPU {on_cpu})")
     p.add_argument("--configs", help=f"rows to time, comma list (default: all of {','.join(BY_KEY)}; bench/rows.py)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--compile-on-cpu", action="store_true", help="run the torch.compile rows on the CPU too")
     p.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0: torch's; K processes: cores/K)")
     p.add_argument("--out", default="results/bench", help="output directory")
     p.add_argument("--tag", help="file names bench-<tag>.md/.json (default: cpu or the GPU's name)")
     return p.parse_args(argv)
-
-
-def parse_arch(spec: str) -> tuple[str, int]:
-    """'resnet-110' -> ('resnet', 110)."""
-    arch, depth = spec.split("-")
-    return arch, int(depth)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,14 +66,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(opts: argparse.Namespace, device: torch.device, command: str) -> Path:
     """Time the rows of every arch, then the K table, rewriting the report after every round and every K."""
-    for flag, (_, on_cuda, on_cpu, _) in OPTIONS.items():
-        key = flag[2:].replace("-", "_")
-        if getattr(opts, key) is None:
-            setattr(opts, key, on_cuda if device.type == "cuda" else on_cpu)
+    for flag, defaults in OPTIONS.items():
+        if getattr(opts, key := flag[2:].replace("-", "_")) is None:
+            setattr(opts, key, defaults[1 if device.type == "cuda" else 2])
     if opts.threads:
         torch.set_num_threads(opts.threads)
     rows, k_row = select(opts.configs), BY_KEY.get(opts.k_config, BY_KEY["baseline"])
-    if k_row.key == "baseline" or skip_reason(k_row, device, True, opts.batch_size):
+    if k_row.key == "baseline" or skip_reason(k_row, device, opts.batch_size):
         raise SystemExit(f"--k-config {opts.k_config}: not one of our rows that runs on {device.type}")
     if min(opts.num_images, opts.k_num_images) < opts.batch_size:
         raise SystemExit("--num-images and --k-num-images must be at least --batch-size")
@@ -98,54 +89,51 @@ def run(opts: argparse.Namespace, device: torch.device, command: str) -> Path:
 
     arrays = random_cifar(opts.num_images, 8)
     for spec in filter(None, opts.arches.split(",")):
-        measure_arch(*parse_arch(spec), rows, opts, device, arrays, results, save)
+        measure_arch(spec, rows, opts, device, arrays, results, save)
     for spec in filter(None, opts.k_arches.split(",")):
         for k in [int(k) for k in opts.ks.split(",") if k]:
-            k_entries.append(measure_k(*parse_arch(spec), k, k_row, opts, device))
+            k_entries.append(measure_k(spec, k, k_row, opts, device))
             save(f"K={k} of {spec}")
     return save("complete")
 
 
-HOW_TO_READ = (
-    "Rows are timed interleaved in rounds on one device (baseline, (1), (2), ..., then again); windows: each one's "
-    "ms/iter in run order; ms/iter: their median; 64k: ms/iter x 64,000; one-time: build and warm-up time minus the "
-    "warm-up iterations at ms/iter (compile, graph capture, DataLoader workers); speedup: the baseline's ms/iter over "
-    "the row's. train.py runs (3) on CUDA (trainer.compile=true: (4), trainer.cuda_graphs=true: (5b), both: (5), "
-    "model.bn_group=64: (3g)), and fp32, contiguous, fused SGD on the CPU."
-)
+def table(columns: str, lines: list[list[str]]) -> list[str]:
+    """A Markdown table: `columns` split at '|', a trailing ':' right-aligns one; short lines end in empty cells."""
+    names = [c.strip() for c in columns.split("|")]
+    rule = ["---:" if c.endswith(":") else "---" for c in names]
+    padded = [cells + [""] * (len(names) - len(cells)) for cells in ([c.rstrip(":") for c in names], rule, *lines)]
+    return [f"| {' | '.join(cells)} |" for cells in padded]
 
 
-def row_line(r: dict[str, Any]) -> str:
-    """One line of the throughput table."""
-    head = f"| {r['arch']} | {r['row']['key']} | {r['row']['label']} |"
-    if r["status"] != "ok" or r["ms_per_iter"] is None:
-        return f"{head} {r['status']}: {r['note'] or 'not timed yet'} | | | | | |"
+def row_cells(r: dict[str, Any]) -> list[str]:
+    """One row of the throughput table (a Result as a dict)."""
+    cells = [r["arch"], r["row"]["key"], r["row"]["label"]]
+    if r["ms_per_iter"] is None:
+        return [*cells, f"{r['status']}: {r['note'] or 'not timed yet'}"]
     windows = " / ".join(f"{ms:,.2f}" for ms in r["windows_ms"])
     speedup = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
-    numbers = f"{r['ms_per_iter']:,.2f} | {windows} | {r['img_per_s']:,.0f} | {r['projected_64k_s'] / 3600:.2f} h"
-    return f"{head} {numbers} | {r['one_time_s']:.1f} s | {speedup} |"
+    return [*cells, f"{r['ms_per_iter']:,.2f}", windows, f"{r['img_per_s']:,.0f}",
+            f"{r['projected_64k_s'] / 3600:.2f} h", f"{r['one_time_s']:.1f} s", speedup]  # fmt: skip
 
 
-def k_lines(entries: list[dict[str, Any]]) -> list[str]:
+def k_section(entries: list[dict[str, Any]]) -> list[str]:
     """The K table: aggregate img/s of K processes at once, and its ratio to K=1's."""
     k1 = {e["arch"]: e["img_per_s"] for e in entries if e["k"] == 1 and e["status"] == "ok"}
-    lines = [
-        "## K processes at once",
-        "",
-        "Each trains the row on its own random images; all start together after their warm-ups; aggregate img/s: "
-        "all their images over the time from the first start to the last end.",
-        "",
-        "| arch | row | K | threads/process | wall | aggregate img/s | vs K=1 |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
+    lines = []
     for e in entries:
-        head = f"| {e['arch']} | {e['row']} | {e['k']} | {e['threads_per_process']} |"
+        lines.append([e["arch"], e["row"], str(e["k"]), str(e["threads_per_process"])])
         if e["status"] != "ok":
-            lines.append(f"{head} failed: {e['note']} | | |")
-            continue
-        vs_k1 = f"{e['img_per_s'] / k1[e['arch']]:.2f}x" if e["arch"] in k1 else "-"
-        lines.append(f"{head} {e['wall_s']:.2f} s | {e['img_per_s']:,.0f} | {vs_k1} |")
-    return [*lines, "", "A sweep trains K runs per GPU with RESNET_REPRO_RUNS_PER_GPU=K (README, Multi-GPU).", ""]
+            lines[-1].append(f"failed: {e['note']}")
+        else:
+            vs_k1 = f"{e['img_per_s'] / k1[e['arch']]:.2f}x" if e["arch"] in k1 else "-"
+            lines[-1] += [f"{e['wall_s']:.2f} s", f"{e['img_per_s']:,.0f}", vs_k1]
+    return [
+        "## K processes at once", "",
+        "Each trains the row on its own random images; all start together after their warm-ups; aggregate img/s: "
+        "all their images over the time from the first start to the last end.", "",
+        *table("arch | row | K: | threads/process: | wall: | aggregate img/s: | vs K=1:", lines), "",
+        "A sweep trains K runs per GPU with RESNET_REPRO_RUNS_PER_GPU=K (README, Multi-GPU).", "",
+    ]  # fmt: skip
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -162,13 +150,17 @@ def markdown(report: dict[str, Any]) -> str:
         f"- batch {s['batch_size']}, {s['windows']} windows x {s['iters']} iterations per row after {s['warmup']} "
         f"warm-up iterations, {s['num_images']} random uint8 CIFAR-shaped images; the baseline's DataLoader: "
         f"{s['workers']} workers; on CUDA, cudnn.benchmark on for every row (as train.py and typical reproductions)",
-        f"- {HOW_TO_READ}",
+        "- Rows are timed interleaved in rounds on one device (baseline, (1), (2), ..., then again); windows: each "
+        "one's ms/iter in run order; ms/iter: their median; 64k: ms/iter x 64,000; one-time: build and warm-up time "
+        "minus the warm-up iterations at ms/iter (compile, graph capture, DataLoader workers); speedup: the "
+        "baseline's ms/iter over the row's. train.py runs (3) on CUDA (trainer.compile=true: (4), "
+        "trainer.cuda_graphs=true: (5b), both: (5), model.bn_group=64: (3g)), and fp32, contiguous, fused SGD on "
+        "the CPU.",
         "",
-        "| arch | row | what it runs | ms/iter | windows (ms/iter) | img/s | 64k projected | one-time | speedup |",
-        "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: |",
-        *map(row_line, report["rows"]),
+        *table("arch | row | what it runs | ms/iter: | windows (ms/iter) | img/s: | 64k projected: | one-time: | "
+               "speedup:", [row_cells(r) for r in report["rows"]]),
         "",
-        *(k_lines(report["k"]) if report["k"] else []),
+        *(k_section(report["k"]) if report["k"] else []),
     ])  # fmt: skip
 
 
