@@ -11,31 +11,28 @@ import logging
 import math
 import sys
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import reduce
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-
-from resnet_repro.errors import ConfigError  # noqa: E402
-from resnet_repro.paper import CITATION, SOURCE  # noqa: E402
-from resnet_repro.results import (  # noqa: E402
+from resnet_repro.errors import ConfigError
+from resnet_repro.paper import CITATION, SOURCE
+from resnet_repro.results import (
     PAPER_NUMERICS,
     Curve,
     Run,
+    by_depth,
     data_description,
     degradation_verdict,
-    failed_runs,
     find_runs,
-    group_runs,
     load_run,
     mixed_groups,
     model_name,
@@ -50,31 +47,22 @@ log = logging.getLogger(__name__)
 PAPER_DEPTHS = (20, 32, 44, 56, 110, 1202)
 SHORTCUTS = ("A", "B", "C")
 FIG7_MAX_DEPTH = 110  # the paper's Figure 7 shows depths 20-110; 1202 layers would flatten every other line
-FigKey = tuple[str, int]
-# Figure 6's panels: title and which (arch, depth) it shows.
-FIG6_PANELS: tuple[tuple[str, Callable[[FigKey], bool]], ...] = (
-    ("plain", lambda k: k[0] == "plain"),
-    ("ResNet (option A)", lambda k: k[0] == "resnet" and k[1] <= 110),
-    ("deep ResNet (option A): 110 and 1202", lambda k: k[0] == "resnet" and k[1] >= 110),
+# Figure 6's panels: title, arch and depths shown (from, to).
+FIG6_PANELS = (
+    ("plain", "plain", 0, math.inf),
+    ("ResNet (option A)", "resnet", 0, 110),
+    ("deep ResNet (option A): 110 and 1202", "resnet", 110, math.inf),
 )
+FIG6_LINES = {
+    "train/err": ("training error", {"ls": "--", "lw": 0.9}),
+    "test/err": ("test error", {"ls": "-", "lw": 2.2}),
+}
 
 
-def depth_colours(depths: Sequence[int]) -> dict[int, Any]:
-    """One colour per depth, the same in every panel and figure; the paper's depths keep fixed colours."""
-    palette = plt.get_cmap("tab10").colors
-    extra = sorted(set(depths) - set(PAPER_DEPTHS))
-    colours = {d: palette[i] for i, d in enumerate(PAPER_DEPTHS)}
-    colours.update({d: palette[(len(PAPER_DEPTHS) + i) % len(palette)] for i, d in enumerate(extra)})
-    return colours
-
-
-def figure_groups(runs: Sequence[Run]) -> dict[FigKey, list[Run]]:
+def figure_groups(runs: Sequence[Run]) -> dict[tuple[str, int], list[Run]]:
     """Finished plain nets (any shortcut: they have none) and option-A ResNets by (arch, depth), in table order."""
-    groups: dict[FigKey, list[Run]] = {}
-    for (arch, depth, shortcut), group in group_runs(runs).items():
-        if arch == "plain" or (arch == "resnet" and shortcut == "A"):
-            groups.setdefault((arch, depth), []).extend(group)
-    return groups
+    groups = {("plain", depth): group for depth, group in by_depth(runs, "plain").items()}
+    return groups | {("resnet", depth): group for depth, group in by_depth(runs, "resnet", "A").items()}
 
 
 def mean_curve(group: Sequence[Run], tag: str) -> tuple[Curve | None, str]:
@@ -96,58 +84,54 @@ def error_ylim(curves: Sequence[Curve]) -> float:
     return float(min(100, max(5, 5 * math.ceil(1.1 * top / 5))))
 
 
-def no_runs(ax: Axes) -> None:
-    """Mark an empty panel instead of letting it vanish."""
-    ax.text(0.5, 0.5, "no runs", transform=ax.transAxes, ha="center", va="center", fontsize=14, color="grey")
+def new_figure(depths: Sequence[int], size: tuple[float, float], *shape: int, **share: bool) -> tuple:
+    """A figure, its panels, and one colour per depth, the same in every panel and figure (the paper's depths keep
+    fixed colours)."""
+    fig = Figure(figsize=size, layout="constrained")
+    palette = colormaps["tab10"].colors
+    order = [*PAPER_DEPTHS, *sorted(set(depths) - set(PAPER_DEPTHS))]
+    return fig, fig.subplots(*shape, **share), {d: palette[i % len(palette)] for i, d in enumerate(order)}
 
 
-def save(fig: Figure, out: Path, stem: str) -> list[Path]:
-    """Write the figure as PNG and PDF and close it."""
+def finish_panel(ax: Axes, empty: bool, **labels: str) -> None:
+    """Labels and a light grid; an empty panel says so instead of vanishing."""
+    ax.set(**labels)
+    ax.grid(True, alpha=0.3)
+    if empty:
+        ax.text(0.5, 0.5, "no runs", transform=ax.transAxes, ha="center", va="center", fontsize=14, color="grey")
+
+
+def save(fig: Figure, out: Path, stem: str, title: str) -> list[Path]:
+    """Title the figure and write it as PNG and PDF."""
+    fig.suptitle(title)
     paths = [out / f"{stem}.png", out / f"{stem}.pdf"]
     for path in paths:
         fig.savefig(path, dpi=150)
-    plt.close(fig)
     return paths
-
-
-def iteration_axis(runs: Sequence[Run]) -> tuple[float, str]:
-    """x scale and label: the paper's units of 1e4 iterations, or plain iterations for runs shorter than 10k."""
-    longest = max((int(r.metrics.get("iterations") or 0) for r in runs), default=0)
-    return (1e4, "iter. (1e4)") if longest >= 10_000 else (1.0, "iterations")
 
 
 def plot_fig6(runs: Sequence[Run], out: Path, title: str) -> list[Path]:
     """Figure 6: training (thin dashed) and test (bold) error vs iterations; plain, ResNet, deep ResNet panels."""
     groups = figure_groups(runs)
-    x_scale, x_label = iteration_axis(runs)
-    colours = depth_colours([d for _, d in groups])
-    fig, axes = plt.subplots(1, 3, figsize=(16, 6.2), sharex=True, sharey=True, layout="constrained")
+    longest = max((int(r.metrics.get("iterations") or 0) for r in runs), default=0)
+    x_scale, x_label = (1e4, "iter. (1e4)") if longest >= 10_000 else (1.0, "iterations")  # the paper's 1e4 units
+    fig, axes, colours = new_figure([d for _, d in groups], (16, 6.2), 1, 3, sharex=True, sharey=True)
     plotted: list[Curve] = []
-    for ax, (panel, shows) in zip(axes, FIG6_PANELS):
+    for ax, (panel, arch, low, high) in zip(axes, FIG6_PANELS):
         handles = []
-        for (arch, depth), group in ((k, g) for k, g in groups.items() if shows(k)):
-            (train, _), (test, note) = mean_curve(group, "train/err"), mean_curve(group, "test/err")
-            colour = colours[depth]
-            for curve, style in ((train, {"ls": "--", "lw": 0.9}), (test, {"ls": "-", "lw": 2.2})):
+        for depth, group in ((d, g) for (a, d), g in groups.items() if a == arch and low <= d <= high):
+            for tag, (_, style) in FIG6_LINES.items():
+                curve, note = mean_curve(group, tag)  # the legend quotes the test curve's note
                 if curve is not None:
-                    ax.plot(curve[0] / x_scale, curve[1], color=colour, **style)
+                    ax.plot(curve[0] / x_scale, curve[1], color=colours[depth], **style)
                     plotted.append(curve)
-            handles.append(Line2D([], [], color=colour, lw=2.2, label=model_name(arch, depth) + note))
-        if not handles:
-            no_runs(ax)
-        handles += [
-            Line2D([], [], color="k", ls="--", lw=0.9, label="training error"),
-            Line2D([], [], color="k", lw=2.2, label="test error"),
-        ]
+            handles.append(Line2D([], [], color=colours[depth], lw=2.2, label=model_name(arch, depth) + note))
+        finish_panel(ax, not handles, title=panel, xlabel=x_label)
+        handles += [Line2D([], [], color="k", label=label, **style) for label, style in FIG6_LINES.values()]
         ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=9, frameon=False)
-        ax.set(title=panel, xlabel=x_label)
-        ax.grid(True, alpha=0.3)
         ax.tick_params(labelleft=True)
-    axes[0].set_ylabel("error (%)")
-    axes[0].set_ylim(0, error_ylim(plotted))
-    axes[0].set_xlim(left=0)
-    fig.suptitle(textwrap.fill(f"Figure 6 (reproduction): {title}", 160))
-    return save(fig, out, "fig6")
+    axes[0].set(ylabel="error (%)", ylim=(0, error_ylim(plotted)), xlim=(0, None))
+    return save(fig, out, "fig6", textwrap.fill(f"Figure 6 (reproduction): {title}", 160))
 
 
 def plot_fig7(runs: Sequence[Run], out: Path, title: str) -> list[Path]:
@@ -155,8 +139,7 @@ def plot_fig7(runs: Sequence[Run], out: Path, title: str) -> list[Path]:
     groups = {k: [r for r in g if r.metrics.get("layer_response_std")] for k, g in figure_groups(runs).items()}
     omitted = sorted(model_name(*k) for k, g in groups.items() if g and k[1] > FIG7_MAX_DEPTH)
     groups = {k: g for k, g in groups.items() if g and k[1] <= FIG7_MAX_DEPTH}
-    colours = depth_colours([d for _, d in groups])
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 8), layout="constrained")
+    fig, (top, bottom), colours = new_figure([d for _, d in groups], (11, 8), 2, 1)
     for (arch, depth), group in groups.items():
         stds = [r.metrics["layer_response_std"] for r in group]
         averaged = len({len(s) for s in stds}) == 1
@@ -165,39 +148,34 @@ def plot_fig7(runs: Sequence[Run], out: Path, title: str) -> list[Path]:
         label = model_name(arch, depth) + seeds_note(len(group), None if averaged else group[0].metrics["seed"])
         top.plot(np.arange(1, len(std) + 1), std, label=label, **style)
         bottom.plot(np.arange(1, len(std) + 1), np.sort(std)[::-1], **style)
-    for ax, xlabel in ((top, "layer index (original)"), (bottom, "layer index (sorted by magnitude)")):
-        ax.set(xlabel=xlabel, ylabel="std")
-        ax.grid(True, alpha=0.3)
-        if not groups:
-            no_runs(ax)
+    for ax, order in ((top, "original"), (bottom, "sorted by magnitude")):
+        finish_panel(ax, not groups, xlabel=f"layer index ({order})", ylabel="std")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if groups:
         top.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=9, title="plain dashed, ResNet solid")
     if omitted:
         note = f"{', '.join(omitted)} not shown: as in the paper, depths up to {FIG7_MAX_DEPTH} only"
         bottom.text(0.99, 0.97, note, transform=bottom.transAxes, ha="right", va="top", fontsize=9, color="grey")
     heading = "Figure 7 (reproduction): std of layer responses (after BN, before addition)"
-    fig.suptitle(f"{heading}\n{textwrap.fill(title, 95)}")
-    return save(fig, out, "fig7")
+    return save(fig, out, "fig7", f"{heading}\n{textwrap.fill(title, 95)}")
 
 
-def format_err(mean: float, std: float | None) -> str:
+def format_err(row: dict[str, Any]) -> str:
     """'7.51±0.16' (two decimals, as the paper prints), or '7.51' for a single seed."""
-    return f"{mean:.2f}" if std is None else f"{mean:.2f}±{std:.2f}"
+    return f"{row['mean']:.2f}" if row["std"] is None else f"{row['mean']:.2f}±{row['std']:.2f}"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub-flavoured markdown table."""
     lines = [header, ["---"] * len(header), *rows]
     return "\n".join("| " + " | ".join(str(c) for c in line) + " |" for line in lines) + "\n"
 
 
-def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
-    """Write rows as CSV; None becomes an empty cell."""
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows([["" if c is None else c for c in row] for row in rows])
-    return path
+def write_tables(out: Path, stem: str, md: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[Path]:
+    """stem.md as given and stem.csv from header and rows (None as an empty cell)."""
+    (out / f"{stem}.md").write_text(md)
+    with (out / f"{stem}.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([header, *(["" if c is None else c for c in row] for row in rows)])
+    return [out / f"{stem}.md", out / f"{stem}.csv"]
 
 
 def write_table6(rows: Sequence[dict[str, Any]], out: Path, title: str) -> list[Path]:
@@ -206,7 +184,7 @@ def write_table6(rows: Sequence[dict[str, Any]], out: Path, title: str) -> list[
               f"paper (%), {SOURCE}"]  # fmt: skip
     md_rows = [
         [r["arch"], r["depth"], r["shortcut"], f"{r['params'] / 1e6:.2f}M",
-         f"{r['n']} ({', '.join(map(str, r['seeds']))})", format_err(r["mean"], r["std"]), f"{r['best']:.2f}",
+         f"{r['n']} ({', '.join(map(str, r['seeds']))})", format_err(r), f"{r['best']:.2f}",
          r["paper"].describe() if r["paper"] else "—"]
         for r in rows
     ]  # fmt: skip
@@ -220,7 +198,6 @@ def write_table6(rows: Sequence[dict[str, Any]], out: Path, title: str) -> list[
         f"\nPaper column: {SOURCE} (option A, 64k iterations, 50k training images, 10k test images); "
         f"it gives no number for plain nets (only Figure 6 curves). {CITATION}\n"
     )
-    (out / "table6.md").write_text(md)
     csv_header = ["arch", "depth", "shortcut", "params", "n", "seeds", "test_err_mean", "test_err_std", "test_err_best",
                   "paper_test_err", "paper_mean_std", "data", "iterations", "numerics"]  # fmt: skip
     csv_rows = [
@@ -229,45 +206,39 @@ def write_table6(rows: Sequence[dict[str, Any]], out: Path, title: str) -> list[
          ";".join(map(str, r["iterations"])), ";".join(r["numerics"])]
         for r in rows
     ]  # fmt: skip
-    return [out / "table6.md", write_csv(out / "table6.csv", csv_header, csv_rows)]
+    return write_tables(out, "table6", md, csv_header, csv_rows)
 
 
 def write_shortcuts(rows: Sequence[dict[str, Any]], out: Path, title: str) -> list[Path]:
     """Shortcut options side by side (rows depth, columns A/B/C), one table per arch run with several options."""
+    cells = {(r["arch"], r["depth"], r["shortcut"]): r for r in rows}
     archs = [
-        a
-        for a in dict.fromkeys(r["arch"] for r in rows)
-        if a != "plain" and len({r["shortcut"] for r in rows if r["arch"] == a}) > 1
+        a for a in dict.fromkeys(a for a, _, _ in cells) if a != "plain" and len({s for b, _, s in cells if b == a}) > 1
     ]
     if not archs:
         for stale in ("shortcuts.md", "shortcuts.csv"):
             (out / stale).unlink(missing_ok=True)
         return []
-    cells = {(r["arch"], r["depth"], r["shortcut"]): r for r in rows}
     sections, csv_rows = [], []
     for arch in archs:
-        depths = sorted({r["depth"] for r in rows if r["arch"] == arch})
         md_rows = []
-        for depth in depths:
+        for depth in sorted({d for a, d, _ in cells if a == arch}):
             found = [cells.get((arch, depth, s)) for s in SHORTCUTS]
-            md_rows.append([depth, *(format_err(c["mean"], c["std"]) + f" (n={c['n']})" if c else "—" for c in found)])
+            md_rows.append([depth, *(f"{format_err(c)} (n={c['n']})" if c else "—" for c in found)])
             csv_rows.append([arch, depth, *(c and c[k] for c in found for k in ("mean", "std", "n"))])
-        sections.append(
-            f"## {model_name(arch, None)}: test error (%) by shortcut option\n\n"
-            + markdown_table(["depth", *SHORTCUTS], md_rows)
-        )
-    (out / "shortcuts.md").write_text(
-        f"# Shortcut options A/B/C\n\n{title}. Mean±std over seeds.\n\n" + "\n".join(sections)
-    )
+        sections.append(f"## {model_name(arch, None)}: test error (%) by shortcut option\n\n")
+        sections[-1] += markdown_table(["depth", *SHORTCUTS], md_rows)
+    md = f"# Shortcut options A/B/C\n\n{title}. Mean±std over seeds.\n\n" + "\n".join(sections)
     csv_header = ["arch", "depth", *(f"{s}_{v}" for s in SHORTCUTS for v in ("mean", "std", "n"))]
-    return [out / "shortcuts.md", write_csv(out / "shortcuts.csv", csv_header, csv_rows)]
+    return write_tables(out, "shortcuts", md, csv_header, csv_rows)
 
 
 def write_verdict(runs: Sequence[Run], rows: Sequence[dict[str, Any]], out: Path, title: str) -> Path:
     """verdict.md: degradation sentences, pooled-run warnings, failed runs and provenance, all from the runs."""
     failed = [
         f"- `{r.path}`: {r.metrics.get('error', 'unknown error')} (iteration {r.metrics.get('iteration')})"
-        for r in failed_runs(runs)
+        for r in runs
+        if not r.finished
     ]
     lines = [
         f"# Verdict: degradation and residual learning\n\n{title}.\n",
@@ -282,9 +253,8 @@ def write_verdict(runs: Sequence[Run], rows: Sequence[dict[str, Any]], out: Path
         *(f"- {k}: {v}" for k, v in provenance(runs).items()),
         f"- paper: {CITATION}",
     ]
-    path = out / "verdict.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    (out / "verdict.md").write_text("\n".join(lines) + "\n")
+    return out / "verdict.md"
 
 
 def write_all(runs: Sequence[Run], out: Path, title_suffix: str = "") -> list[Path]:
@@ -294,8 +264,9 @@ def write_all(runs: Sequence[Run], out: Path, title_suffix: str = "") -> list[Pa
     out.mkdir(parents=True, exist_ok=True)
     title = data_description(runs) + title_suffix
     rows = runs_table(runs)
-    for run in failed_runs(runs):
-        log.warning("failed run %s: %s", run.path, run.metrics.get("error"))
+    for run in runs:
+        if not run.finished:
+            log.warning("failed run %s: %s", run.path, run.metrics.get("error"))
     return [
         *plot_fig6(runs, out, title),
         *plot_fig7(runs, out, title),
@@ -305,31 +276,24 @@ def write_all(runs: Sequence[Run], out: Path, title_suffix: str = "") -> list[Pa
     ]
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """Command-line arguments."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry: collect runs, write figures and tables, print the paths written; exit 2 on a user error."""
     parser = argparse.ArgumentParser(prog="python -m resnet_repro.plot", description=__doc__.splitlines()[0])
     parser.add_argument("run_dirs", nargs="+", help="run directories, or directories searched for them")
     parser.add_argument("--out", required=True, type=Path, help="output directory, e.g. results/fig6")
     parser.add_argument("--title-suffix", default="", help="text appended to the figure and table titles")
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry: collect runs, write figures and tables, print the paths written; exit 2 on a user error."""
-    args = parse_args(argv)
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("tensorboard").setLevel(logging.WARNING)  # it logs every event file it finishes reading
     try:
         run_dirs, dropped = unique_runs(find_runs(args.run_dirs))
         for copy, original in dropped:
             log.info("%s trains the same configuration as %s: counted once", copy, original)
-        runs = [load_run(d) for d in run_dirs]
-        paths = write_all(runs, args.out, args.title_suffix)
+        paths = write_all([load_run(d) for d in run_dirs], args.out, args.title_suffix)
     except ConfigError as exc:
         print(f"error: {exc} (searched {', '.join(args.run_dirs)})", file=sys.stderr)
         return 2
-    for path in paths:
-        print(path)
+    print(*paths, sep="\n")
     return 0
 
 

@@ -21,11 +21,18 @@ from resnet_repro.run_files import FAILED_NAME, METRICS_NAME
 
 log = logging.getLogger(__name__)
 
-ARCH_ORDER = ("plain", "resnet", "preact", "bottleneck", "resnet18")
+ARCH_RANK = {arch: i for i, arch in enumerate(("plain", "resnet", "preact", "bottleneck", "resnet18"))}  # table order
 ARCH_NAMES = {"plain": "plain", "resnet": "ResNet", "preact": "pre-act ResNet", "bottleneck": "bottleneck ResNet"}
+PAPER_NUMERICS = "fp32, BN over 64 images (128 on two GPUs)"  # He et al. 2015, section 4.2
+# Config keys that do not change what a run computes; two finished runs equal in everything else (and in their
+# numerics: precision, BN batch) are one run (e.g. ResNet-20 seed 0 of fig6_resnet and of table6), drawn once.
+NON_RECIPE_KEYS = ("experiment", "runs_dir", "trainer", "responses", "fail_at_iter")  # fail_at_iter: older runs' key
+# With one seed, a final-error gap under this many points is within run-to-run noise (seed-to-seed spread of the
+# paper's own ResNet-110: std 0.16 points over 5 runs; shorter schedules scatter more), so no verdict rests on it.
+NOISE_POINTS = 0.5
 
 Curve = tuple[np.ndarray, np.ndarray]
-Errors = tuple[float, float, int]  # mean final train error, mean final test error, number of runs
+Errors = tuple[str, float, float, int]  # model name with its seeds note, mean final train and test error, runs
 
 
 @dataclass
@@ -38,18 +45,7 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        """True when metrics.json says the run finished."""
         return self.metrics.get("status") == "finished"
-
-    @property
-    def key(self) -> tuple[str, int | None, str]:
-        """The grouping key (arch, depth, shortcut)."""
-        return self.metrics["arch"], self.metrics["depth"], self.metrics["shortcut"]
-
-
-# Config keys that do not change what a run computes; two finished runs equal in everything else (and in their
-# numerics: precision, BN batch) are one run (e.g. ResNet-20 seed 0 of fig6_resnet and of table6), drawn once.
-NON_RECIPE_KEYS = ("experiment", "runs_dir", "trainer", "responses", "fail_at_iter")  # fail_at_iter: older runs' key
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[Path]:
@@ -79,33 +75,23 @@ def read_curves(run_dir: Path) -> dict[str, Curve]:
     return curves
 
 
-def recipe_fingerprint(metrics_path: Path) -> str | None:
-    """The run's resolved config without the keys that do not change the computation, plus its numerics (bf16
-    and fp32 runs of one config are two runs); None if unreadable."""
-    try:
-        metrics = json.loads(metrics_path.read_text())
-        config = dict(metrics["config"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    for key in NON_RECIPE_KEYS:
-        config.pop(key, None)
-    return json.dumps({"config": config, "numerics": training_numerics(metrics)}, sort_keys=True)
-
-
 def unique_runs(run_dirs: Iterable[str | Path]) -> tuple[list[Path], list[tuple[Path, Path]]]:
-    """Run directories with same-configuration copies dropped (first kept); returns (kept, [(dropped, kept as)])."""
-    kept: list[Path] = []
+    """Run directories with same-configuration copies dropped (first kept); returns (kept, [(dropped, kept as)]).
+    A run's configuration: its resolved config less NON_RECIPE_KEYS, plus its numerics (bf16 and fp32 are two)."""
+    kept: dict[str, Path] = {}
     dropped: list[tuple[Path, Path]] = []
-    seen: dict[str, Path] = {}
     for run_dir in map(Path, dict.fromkeys(map(str, run_dirs))):
-        fingerprint = recipe_fingerprint(run_dir / METRICS_NAME)
-        if fingerprint is not None and fingerprint in seen:
-            dropped.append((run_dir, seen[fingerprint]))
-            continue
-        if fingerprint is not None:
-            seen[fingerprint] = run_dir
-        kept.append(run_dir)
-    return kept, dropped
+        try:
+            metrics = json.loads((run_dir / METRICS_NAME).read_text())
+            config = {k: v for k, v in metrics["config"].items() if k not in NON_RECIPE_KEYS}
+            recipe = json.dumps({"config": config, "numerics": training_numerics(metrics)}, sort_keys=True)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            recipe = f"unreadable: {run_dir}"  # never equal to another run's
+        if recipe in kept:
+            dropped.append((run_dir, kept[recipe]))
+        else:
+            kept[recipe] = run_dir
+    return list(kept.values()), dropped
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -128,23 +114,29 @@ def model_name(arch: str, depth: int | None, shortcut: str | None = None) -> str
     return name if shortcut in (None, "A") or arch == "plain" else f"{name} ({shortcut})"
 
 
-def _sort_key(key: tuple[str, int | None, str]) -> tuple[int, int, str]:
-    """Order rows as the paper does: plain before ResNet, shallow before deep."""
-    arch, depth, shortcut = key
-    rank = ARCH_ORDER.index(arch) if arch in ARCH_ORDER else len(ARCH_ORDER)
-    return rank, depth or 0, shortcut
+def seeds_note(n: int, seed: int | None = None) -> str:
+    """Name suffix: '' for one run, ' (mean of 2 seeds)', or ' (seed 0 of 2)' when one seed stands for all."""
+    if n == 1:
+        return ""
+    return f" (mean of {n} seeds)" if seed is None else f" (seed {seed} of {n})"
 
 
 def group_runs(runs: Iterable[Run]) -> dict[tuple[str, int | None, str], list[Run]]:
-    """Finished runs grouped by (arch, depth, shortcut), groups in table order, runs by seed."""
+    """Finished runs by (arch, depth, shortcut), groups in the paper's order (plain before ResNet, shallow before
+    deep), runs by seed."""
     groups: dict[tuple[str, int | None, str], list[Run]] = {}
-    for run in runs:
-        if run.finished:
-            groups.setdefault(run.key, []).append(run)
-    return {k: sorted(groups[k], key=lambda r: r.metrics["seed"]) for k in sorted(groups, key=_sort_key)}
+    for run in sorted((r for r in runs if r.finished), key=lambda r: r.metrics["seed"]):
+        groups.setdefault((run.metrics["arch"], run.metrics["depth"], run.metrics["shortcut"]), []).append(run)
+    return dict(sorted(groups.items(), key=lambda g: (ARCH_RANK.get(g[0][0], len(ARCH_RANK)), g[0][1] or 0, g[0][2])))
 
 
-PAPER_NUMERICS = "fp32, BN over 64 images (128 on two GPUs)"  # He et al. 2015, section 4.2
+def by_depth(runs: Iterable[Run], arch: str, shortcut: str | None = None) -> dict[int, list[Run]]:
+    """Depth → finished runs of one arch and shortcut (None: any, as for plain nets, which have none), by depth."""
+    depths: dict[int, list[Run]] = {}
+    for (a, depth, s), group in group_runs(runs).items():
+        if a == arch and shortcut in (None, s):
+            depths.setdefault(depth, []).extend(group)
+    return depths
 
 
 def training_numerics(metrics: dict[str, Any]) -> str:
@@ -165,23 +157,15 @@ def runs_table(runs: Iterable[Run]) -> list[dict[str, Any]]:
     rows = []
     for (arch, depth, shortcut), group in group_runs(runs).items():
         errs = [r.metrics["final_test_err"] for r in group]
-        rows.append(
-            {
-                "arch": arch,
-                "depth": depth,
-                "shortcut": shortcut,
-                "params": group[0].metrics["params"],
-                "n": len(group),
-                "seeds": [r.metrics["seed"] for r in group],
-                "mean": statistics.fmean(errs),
-                "std": statistics.stdev(errs) if len(errs) > 1 else None,  # sample std
-                "best": min(errs),
-                "paper": paper_result(arch, depth, shortcut),
-                "data": sorted({r.metrics["data"]["label"] for r in group}),
-                "iterations": sorted({r.metrics["iterations"] for r in group}),
-                "numerics": sorted({training_numerics(r.metrics) for r in group}),
-            }
-        )
+        rows.append({
+            "arch": arch, "depth": depth, "shortcut": shortcut, "params": group[0].metrics["params"], "n": len(group),
+            "seeds": [r.metrics["seed"] for r in group], "mean": statistics.fmean(errs),
+            "std": statistics.stdev(errs) if len(errs) > 1 else None, "best": min(errs),  # sample std
+            "paper": paper_result(arch, depth, shortcut),
+            "data": sorted({r.metrics["data"]["label"] for r in group}),
+            "iterations": sorted({r.metrics["iterations"] for r in group}),
+            "numerics": sorted({training_numerics(r.metrics) for r in group}),
+        })  # fmt: skip
     return rows
 
 
@@ -195,89 +179,46 @@ def mixed_groups(rows: Iterable[dict[str, Any]]) -> list[str]:
     ]
 
 
-def _final_errors(runs: Iterable[Run], arch: str, shortcut: str | None) -> dict[int, Errors]:
-    """Depth → (mean final train err, mean final test err, n runs) for one arch (plain: any shortcut)."""
-    by_depth: dict[int, list[Run]] = {}
-    for run in runs:
-        m = run.metrics
-        if run.finished and m["arch"] == arch and (shortcut is None or m["shortcut"] == shortcut):
-            by_depth.setdefault(m["depth"], []).append(run)
-    return {
-        depth: (
-            statistics.fmean(r.metrics["final_train_err"] for r in group),
-            statistics.fmean(r.metrics["final_test_err"] for r in group),
-            len(group),
-        )
-        for depth, group in sorted(by_depth.items())
-    }
+def _final_errors(runs: Iterable[Run], arch: str, shortcut: str | None = None) -> dict[int, Errors]:
+    """Depth → Errors for one arch and shortcut (None: any, as for plain nets)."""
+    errors = {}
+    for depth, group in by_depth(runs, arch, shortcut).items():
+        train, test = ([r.metrics[f"final_{split}_err"] for r in group] for split in ("train", "test"))
+        name = model_name(arch, depth, shortcut) + seeds_note(len(group))
+        errors[depth] = name, statistics.fmean(train), statistics.fmean(test), len(group)
+    return errors
 
 
-def seeds_note(n: int, seed: int | None = None) -> str:
-    """Name suffix: '' for one run, ' (mean of 2 seeds)', or ' (seed 0 of 2)' when one seed stands for all."""
-    if n == 1:
-        return ""
-    return f" (mean of {n} seeds)" if seed is None else f" (seed {seed} of {n})"
-
-
-# With one seed, a final-error gap under this many points is within run-to-run noise (seed-to-seed spread of the
-# paper's own ResNet-110: std 0.16 points over 5 runs; shorter schedules scatter more), so no verdict rests on it.
-NOISE_POINTS = 0.5
-
-
-def _compare(a: Errors, b: Errors, word: str) -> tuple[int, int, str]:
-    """How many of a's final train/test errors are `word` ('higher'/'lower') than b's beyond noise, how many gaps are
-    within noise (single-seed comparisons only), and a clause quoting them."""
-    sign = 1 if word == "higher" else -1
-    one_seed = min(a[2], b[2]) == 1
-    words, beats, noise = [], 0, 0
-    for x, y in zip(a[:2], b[:2]):
-        if one_seed and abs(x - y) < NOISE_POINTS:
+def _compared(a: Errors, b: Errors, word: str, headlines: Sequence[str], at: str = "") -> str:
+    """'<headline><at>: <a> ends with <word> final training error (x% vs y%) and <word> final test error (...) than
+    <b>.', headlines[k] when k of the two errors are `word` ('higher'/'lower'); with one seed a gap under NOISE_POINTS
+    is called noise, never a finding."""
+    words = []
+    for x, y in zip(a[1:3], b[1:3]):
+        if min(a[3], b[3]) == 1 and abs(x - y) < NOISE_POINTS:
             words.append(f"{'higher' if x > y else 'lower' if x < y else 'equal'} (within noise)")
-            noise += 1
-        elif sign * (x - y) > 0:
-            words.append(word)
-            beats += 1
         else:
-            words.append(f"not {word}")
-    clause = (
-        f"{words[0]} final training error ({a[0]:.2f}% vs {b[0]:.2f}%) and "
-        f"{words[1]} final test error ({a[1]:.2f}% vs {b[1]:.2f}%)"
+            words.append(word if (x > y if word == "higher" else x < y) else f"not {word}")
+    beats, noise = words.count(word), sum(w.endswith("(within noise)") for w in words)
+    headline = f"Within noise (one seed, gap under {NOISE_POINTS} points)" if noise and beats + noise == 2 else ""
+    return (
+        f"{headline or headlines[beats]}{at}: {a[0]} ends with {words[0]} final training error ({a[1]:.2f}% vs "
+        f"{b[1]:.2f}%) and {words[1]} final test error ({a[2]:.2f}% vs {b[2]:.2f}%) than {b[0]}."
     )
-    return beats, noise, clause
-
-
-def _headline(beats: int, noise: int, yes: str, partly: str, no: str) -> str:
-    """'yes' when both comparisons hold beyond noise; 'Within noise' when what is missing is only noise."""
-    if beats == 2:
-        return yes
-    if beats + noise == 2:
-        return f"Within noise (one seed, gap under {NOISE_POINTS} points)"
-    return partly if beats == 1 else no
 
 
 def degradation_verdict(runs: Sequence[Run]) -> list[str]:
-    """Sentences on degradation (deeper plain net worse on train and test) and on ResNet vs plain at equal depth;
-    with one seed a gap under NOISE_POINTS is called noise, never a finding."""
-    plain = _final_errors(runs, "plain", None)
-    sentences = []
-    for shallow, deep in combinations(sorted(plain), 2):
-        beats, noise, clause = _compare(plain[deep], plain[shallow], "higher")
-        a = model_name("plain", deep) + seeds_note(plain[deep][2])
-        b = model_name("plain", shallow) + seeds_note(plain[shallow][2])
-        headline = _headline(beats, noise, "Degradation", "No degradation", "No degradation")
-        sentences.append(f"{headline}: {a} ends with {clause} than {b}.")
+    """Sentences on degradation (deeper plain net worse on train and test) and on ResNet vs plain at equal depth."""
+    plain = _final_errors(runs, "plain")
+    degraded = ("No degradation", "No degradation", "Degradation")
+    sentences = [_compared(plain[deep], plain[low], "higher", degraded) for low, deep in combinations(plain, 2)]
     if len(plain) < 2:
         sentences.append("Fewer than two plain depths finished, so degradation cannot be assessed.")
-    shortcuts = sorted({r.metrics["shortcut"] for r in runs if r.finished and r.metrics["arch"] == "resnet"})
-    for shortcut in shortcuts:
+    helps = [f"Residual learning {h}" for h in ("does not help", "helps partly", "helps")]
+    for shortcut in sorted({s for a, _, s in group_runs(runs) if a == "resnet"}):
         resnet = _final_errors(runs, "resnet", shortcut)
-        for depth in sorted(set(resnet) & set(plain)):
-            beats, noise, clause = _compare(resnet[depth], plain[depth], "lower")
-            a = model_name("resnet", depth, shortcut) + seeds_note(resnet[depth][2])
-            b = model_name("plain", depth) + seeds_note(plain[depth][2])
-            helps = ("Residual learning helps", "Residual learning helps partly", "Residual learning does not help")
-            headline = _headline(beats, noise, *helps)
-            sentences.append(f"{headline} at depth {depth}: {a} ends with {clause} than {b}.")
+        depths = sorted(set(resnet) & set(plain))
+        sentences += [_compared(resnet[d], plain[d], "lower", helps, f" at depth {d}") for d in depths]
     return sentences
 
 
@@ -310,8 +251,3 @@ def data_description(runs: Sequence[Run]) -> str:
     iters = sorted({m["iterations"] for m in done})
     span = f"{iters[0]:,}" if len(iters) == 1 else f"{iters[0]:,}–{iters[-1]:,}"
     return f"{labels}, {span} iterations"
-
-
-def failed_runs(runs: Iterable[Run]) -> list[Run]:
-    """Runs without a finished metrics.json (crashed or diverged); never averaged into any table."""
-    return [r for r in runs if not r.finished]
