@@ -22,9 +22,8 @@ import shlex
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,7 +74,7 @@ PROFILE_DEVICE = {"paper": "cuda", "cpu": "cpu"}
 CONCURRENT_LAUNCHERS = ("local", "slurm")
 REPRODUCE_LOG = "reproduce.log"
 LAUNCH_STAGGER_S = 20.0  # between concurrent launches, longest experiment first: its runs take the slots first
-EXIT_STOPPED = 3  # SIGTERM/SIGINT: passed on to the running sweep, which checkpoints; rerun to resume (as train.py)
+EXIT_STOPPED = 3  # SIGTERM/SIGINT/SIGHUP: passed on to the running sweeps, which checkpoint; rerun to resume
 
 
 @dataclass
@@ -94,6 +93,10 @@ class Step:
     note: str = ""
 
 
+class Stopped(Exception):
+    """A stop signal reached reproduce; it was passed on to the running commands, which checkpoint and exit."""
+
+
 def hydra_quote(value: str) -> str:
     """A Hydra override value that stays one string whatever it contains (commas, spaces, parentheses, quotes)."""
     if '"' not in value:
@@ -109,7 +112,6 @@ def experiment_file(experiment: str) -> DictConfig:
 
 
 def train_command(experiment: Experiment, args: argparse.Namespace) -> list[str]:
-    """The multirun command of one experiment."""
     cmd = [sys.executable, "-m", "resnet_repro.train", "-m", f"experiment={experiment.name}", *experiment.overrides]
     cmd.append(f"runs_dir={args.runs_dir}")
     if args.data:
@@ -127,9 +129,7 @@ def device_overrides(args: argparse.Namespace) -> list[str]:
     """The profile's device (`trainer.device=cuda` for the paper profile) and, for the CPU profile, the fastest
     settings measured on a CPU (device.cpu_speed_overrides), unless the command line sets those keys itself."""
     given = {o.lstrip("+").split("=", 1)[0] for o in args.overrides}
-    wanted = []
-    if args.profile in PROFILE_DEVICE:
-        wanted.append(f"trainer.device={PROFILE_DEVICE[args.profile]}")
+    wanted = [f"trainer.device={PROFILE_DEVICE[args.profile]}"] if args.profile in PROFILE_DEVICE else []
     if args.profile == "cpu":
         from resnet_repro import device  # imports torch, so only for this profile
 
@@ -154,39 +154,38 @@ def missing_gpu(args: argparse.Namespace) -> str | None:
     return None
 
 
-def results_dir(args: argparse.Namespace) -> Path:
-    """results/<slug of the data label>/<profile>."""
-    return Path(args.results_dir) / data_slug(args) / args.profile
+def data_dir(args: argparse.Namespace, root: str) -> Path:
+    """runs/<data> or results/<data>: the data's directory name is the same under both."""
+    return Path(root) / data_dir_name("npz" if args.data else "cifar10", args.data, args.label)
 
 
-def data_slug(args: argparse.Namespace) -> str:
-    """The data's directory name, under runs/ as under results/."""
-    return data_dir_name("npz" if args.data else "cifar10", args.data, args.label)
+def sweep_dir(args: argparse.Namespace, experiment: str) -> Path:
+    return data_dir(args, args.runs_dir) / experiment_file(experiment).get("experiment", experiment)
 
 
-def read_sweep_file(path: Path, pid: int) -> dict[str, Any] | None:
-    """A sweep summary or plan written by the multirun with this process id, or None."""
-    try:
-        content = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return content if content.get("pid") == pid else None
+def plot_command(args: argparse.Namespace, run_dirs: Sequence[str]) -> list[str]:
+    suffix = TITLE_SUFFIX[args.profile].format(lr=experiment_file("quick").optim.lr)
+    out = ["--out", str(data_dir(args, args.results_dir) / args.profile)]
+    return [sys.executable, "-m", "resnet_repro.plot", *run_dirs, *out, *(["--title-suffix", suffix] if suffix else [])]
 
 
 def collect_results(step: Step, sweep_dir: Path, pid: int) -> None:
-    """Fill `step` from its sweep's summary; without one (the launcher died before the sweep's end), take the
-    planned run directories that hold results, so finished runs are still drawn."""
-    summary = read_sweep_file(sweep_dir / SUMMARY_JSON, pid)
-    if summary is not None:
+    """Fill `step` from the summary of its multirun (process `pid`: an earlier sweep's files do not count); without
+    one (the launcher died before the sweep's end), take the planned runs that hold results, so they are still drawn."""
+
+    def read(name: str) -> dict[str, Any] | None:
+        with contextlib.suppress(OSError, ValueError):
+            content = json.loads((sweep_dir / name).read_text())
+            return content if content.get("pid") == pid else None
+        return None
+
+    if (summary := read(SUMMARY_JSON)) is not None:
         step.counts = summary["counts"]
         step.run_dirs = [r["dir"] for r in summary["runs"] if r["status"] in ("finished", "skipped", "failed")]
-        step.runs = [
-            {k: r.get(k) for k in ("name", "status", "test_err", "train_err", "wall_s", "error")}
-            for r in summary["runs"]
-        ]
+        keys = ("name", "status", "test_err", "train_err", "wall_s", "error")
+        step.runs = [{k: r.get(k) for k in keys} for r in summary["runs"]]
         return
-    step.status = "failed"
-    plan = read_sweep_file(sweep_dir / PLAN_JSON, pid)
+    step.status, plan = "failed", read(PLAN_JSON)
     if plan is None:
         step.note = "no sweep summary or plan (the multirun stopped before planning its runs)"
         return
@@ -198,112 +197,72 @@ def collect_results(step: Step, sweep_dir: Path, pid: int) -> None:
     )
 
 
-def display(cmd: Sequence[str]) -> str:
-    """A command as one copy-pasteable line, with `python` for the interpreter."""
-    return shlex.join(["python", *cmd[1:]])
+def start(step: Step, log: Path | None) -> subprocess.Popen:
+    """Announce `step`, start its command in a session of its own (one killpg reaches its workers too), its output
+    on the console (log None) or appended to `log`."""
+    print(f"\n=== {step.name}: {shlex.join(step.cmd)}" + (f"\n    output: {log}" if log else ""), flush=True)
+    if log is None:
+        return subprocess.Popen(step.cmd, start_new_session=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as out:
+        return subprocess.Popen(step.cmd, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
 
 
-class Stopped(Exception):
-    """SIGTERM or SIGINT reached reproduce; it was passed on to the running command, which checkpoints and exits."""
+def run_steps(steps: Sequence[Step], logs: Sequence[Path | None], stagger_s: float = 0.0) -> list[int]:
+    """Start the commands, each `stagger_s` after the previous one; wait for all; return their process ids.
 
+    SIGTERM, SIGINT or SIGHUP reaching reproduce is passed on as SIGTERM to every command's process group, so every
+    local training process, the launchers' workers included, checkpoints and exits (Slurm jobs run on: `scancel`);
+    then Stopped is raised."""
+    procs: list[subprocess.Popen] = []
+    got: list[int] = []
 
-def stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to `proc`'s process group: the command and every worker it started, if still there."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-
-
-@dataclass
-class Launches:
-    """The commands started so far, and the stop signals received while they run (passed on to all of them)."""
-
-    procs: list[subprocess.Popen] = field(default_factory=list)
-    signals: list[int] = field(default_factory=list)
-    stopping: threading.Event = field(default_factory=threading.Event)  # wakes the stagger's wait at once
-
-    @contextlib.contextmanager
-    def forwarding_signals(self) -> Iterator[None]:
-        """Within the block, SIGTERM, SIGINT and SIGHUP stop every command started instead of reproduce."""
-        previous = {sig: signal.signal(sig, self.forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    def forward(self, signum: int, frame: Any) -> None:
-        """The signal handler: record the signal and SIGTERM every command's process group."""
+    def forward(signum: int, _frame: Any) -> None:
         if signum == signal.SIGHUP:  # the terminal is gone: writing to it would raise from here on
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             os.dup2(devnull, sys.stderr.fileno())
-        self.signals.append(signum)
-        self.stopping.set()
-        for proc in self.procs:
-            stop_group(proc)
+        got.append(signum)
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):  # the command and all its workers are gone
+                os.killpg(proc.pid, signal.SIGTERM)
 
-    def start(self, step: Step, log_path: Path | None) -> None:
-        """Announce `step` and start its command in a new process group, its output on the console (log_path None)
-        or appended to log_path; stopped at once if a signal came while it was starting."""
-        where = f"\n    output: {log_path}" if log_path else ""
-        print(f"\n=== {step.name}: {shlex.join(step.cmd)}{where}", flush=True)
-        if log_path is None:
-            proc = subprocess.Popen(step.cmd, start_new_session=True)
-        else:
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(log_path, "a") as log:
-                proc = subprocess.Popen(step.cmd, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
-        self.procs.append(proc)
-        if self.signals:  # the signal came before `forward` could see this command
-            stop_group(self.procs[-1])
-
-
-def wait_for_all(steps: Sequence[Step], procs: Sequence[subprocess.Popen], started: float) -> None:
-    """Poll until every started command has exited; record each one's exit code, status and wall time, and with
-    several steps print each one's end as it comes."""
-    several = len(steps) > 1
-    running = list(zip(steps, procs))
-    while running:
-        for step, proc in running:
-            if proc.poll() is not None:
-                step.rc, step.wall_s = proc.returncode, round(time.perf_counter() - started, 1)
-                step.status = "ok" if step.rc == 0 else "failed"
-                if several:
-                    print(f"=== {step.name}: exit {step.rc} after {step.wall_s:.0f} s", flush=True)
-        running = [(step, proc) for step, proc in running if step.rc is None]
-        time.sleep(0.2 if several else 0.05)
-
-
-def run_steps(steps: Sequence[Step], logs: Sequence[Path | None], stagger_s: float = 0.0) -> list[int]:
-    """Run the commands at once, each `stagger_s` after the previous one, with its output on the console (log None)
-    or appended to its log file; wait for all; return their process ids.
-
-    SIGTERM, SIGINT or SIGHUP reaching reproduce is passed on as SIGTERM to every command's process group, so every
-    local training process, the launchers' workers included, checkpoints and exits (Slurm jobs run on: `scancel`)."""
-    launches = Launches()
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     started = time.perf_counter()
-    with launches.forwarding_signals():
-        for i, (step, log_path) in enumerate(zip(steps, logs, strict=True)):
-            if i and stagger_s:
-                launches.stopping.wait(stagger_s)
-            if launches.signals:
+    try:
+        for i, (step, log) in enumerate(zip(steps, logs, strict=True)):
+            while not got and time.perf_counter() < started + i * stagger_s:
+                time.sleep(0.1)  # short sleeps: a stop signal ends the stagger at once
+            if got:
                 break
-            launches.start(step, log_path)
-        wait_for_all(steps, launches.procs, started)
-    if launches.signals:
-        names = ", ".join(s.name for s in steps[: len(launches.procs)])
-        signal_name = signal.Signals(launches.signals[0]).name
-        raise Stopped(f"{names} stopped by {signal_name}; rerun the same command to resume")
-    return [proc.pid for proc in launches.procs]
+            procs.append(start(step, log))
+            if got:  # the signal came while this command was starting, before `forward` could see it
+                os.killpg(procs[-1].pid, signal.SIGTERM)
+        wait_for(steps, procs, started)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if got:
+        names = ", ".join(s.name for s in steps[: len(procs)])
+        raise Stopped(f"{names} stopped by {signal.Signals(got[0]).name}; rerun the same command to resume")
+    return [proc.pid for proc in procs]
+
+
+def wait_for(steps: Sequence[Step], procs: Sequence[subprocess.Popen], started: float) -> None:
+    """Poll until every command has exited, recording how it ended (printed as it comes when several run)."""
+    running = dict(zip(procs, steps))
+    while running:
+        time.sleep(0.05)
+        for proc in [p for p in running if p.poll() is not None]:
+            step = running.pop(proc)
+            step.rc, step.wall_s = proc.returncode, round(time.perf_counter() - started, 1)
+            step.status = "ok" if step.rc == 0 else "failed"
+            if len(steps) > 1:
+                print(f"=== {step.name}: exit {step.rc} after {step.wall_s:.0f} s", flush=True)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """Command-line arguments."""
-    parser = argparse.ArgumentParser(
-        prog="python -m resnet_repro.reproduce",
-        description=__doc__.split("\n\n")[0],
-        epilog="Extra arguments are Hydra overrides given to every training command, e.g. trainer.threads=1.",
-    )
+    parser = argparse.ArgumentParser(prog="python -m resnet_repro.reproduce", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--profile",
         choices=sorted(PROFILES),
@@ -314,9 +273,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", help="an npz file (x_train, y_train, x_test, y_test) instead of downloading CIFAR-10")
     parser.add_argument("--label", help="data label shown in figures and tables, also names results/<slug>/")
     parser.add_argument(
-        "--launcher",
-        choices=LAUNCHERS,
-        help="Hydra launcher: local (all GPUs, joblib), slurm, submitit_local; default: one at a time",
+        "--launcher", choices=LAUNCHERS, help="Hydra launcher (local: joblib, on all GPUs); default: one at a time"
     )
     parser.add_argument("--runs-dir", default="runs", help="root of the run directories (default runs)")
     parser.add_argument("--results-dir", default="results", help="root of the figures and tables (default results)")
@@ -328,7 +285,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="with --launcher local or slurm: run the experiments one after another, output on the console "
         "(default: all at once, each experiment's output in runs/<data>/<experiment>/reproduce.log)",
     )
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every training command")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every train command: trainer.threads=1 ...")
     return parser.parse_args(argv)
 
 
@@ -339,8 +296,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps = [Step(f"experiment {e.name}", train_command(e, args), experiment=e.name) for e in PROFILES[args.profile]]
     if not args.data:
         steps.insert(0, Step("download", [sys.executable, "-m", "resnet_repro.download", "--root", args.data_root]))
-    if args.dry_run:
-        print_commands(args, steps)
+    if args.dry_run:  # the plot's command with a placeholder for the run directories it would get
+        print("\n".join(shlex.join(s.cmd) for s in steps))
+        print(shlex.join(plot_command(args, ["<run dirs of the sweeps above>"])))
+        summaries = dict.fromkeys(f"{sweep_dir(args, s.experiment)}/{SUMMARY_JSON}" for s in steps if s.experiment)
+        print(f"# <run dirs of the sweeps above>: from {', '.join(summaries)}, one per configuration")
         return 0
     problem = missing_gpu(args)
     if problem:
@@ -353,55 +313,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_STOPPED
 
 
-def sweep_dir(args: argparse.Namespace, experiment: str) -> Path:
-    """Where an experiment's sweep writes its runs and its sweep_summary.json."""
-    return Path(args.runs_dir) / data_slug(args) / experiment_file(experiment).get("experiment", experiment)
-
-
-def plot_command(args: argparse.Namespace, run_dirs: Sequence[str]) -> list[str]:
-    """The command that draws `run_dirs` into the profile's results directory."""
-    suffix = TITLE_SUFFIX[args.profile].format(lr=experiment_file("quick").optim.lr)
-    title = ["--title-suffix", suffix] if suffix else []
-    return [sys.executable, "-m", "resnet_repro.plot", *run_dirs, "--out", str(results_dir(args)), *title]
-
-
-def print_commands(args: argparse.Namespace, steps: Sequence[Step]) -> None:
-    """--dry-run: every command, the plot's with a placeholder for the run directories it would get."""
-    for step in steps:
-        print(shlex.join(step.cmd))
-    print(shlex.join(plot_command(args, ["<run dirs of the sweeps above>"])))
-    summaries = dict.fromkeys(f"{sweep_dir(args, s.experiment)}/{SUMMARY_JSON}" for s in steps if s.experiment)
-    print(f"# <run dirs of the sweeps above>: from {', '.join(summaries)}, one per configuration")
-
-
 def run_all(args: argparse.Namespace, steps: list[Step], argv: Sequence[str] | None) -> int:
-    """Run download, experiments and plot; print the summary and write reproduce.json; return the exit status."""
     started = time.time()
     for i, step in enumerate(steps):
         step.name = f"[{i + 1}/{len(steps) + 1}] {step.name}"
-    if not download([s for s in steps if s.experiment is None]):
-        return 2
+    if steps[0].experiment is None:  # the download
+        run_steps(steps[:1], [None])
+        if steps[0].rc != 0:
+            why = f"the download failed (exit {steps[0].rc}); nothing else was run"
+            print(f"\nreproduce: {why}. Check the network, or pass --data FILE.npz.", file=sys.stderr)
+            return 2
     if args.launcher == "local":
         runs_per_gpu()  # a bad $RESNET_REPRO_RUNS_PER_GPU stops here with one ConfigError, before any launcher
-    run_experiments(args, [s for s in steps if s.experiment is not None])
-    run_dirs = plot(args, steps)
-    print_summary(args, steps, started)
-    write_record(args, steps, run_dirs, started, argv)
+    run_experiments(args, [s for s in steps if s.experiment])
+    run_dirs, dropped = unique_runs([d for s in steps for d in s.run_dirs])
+    for copy, original in dropped:
+        print(f"reproduce: {copy} trains the same configuration as {original}; drawn once", flush=True)
+    steps.append(Step(f"[{len(steps) + 1}/{len(steps) + 1}] plot", plot_command(args, [str(d) for d in run_dirs])))
+    if run_dirs:
+        run_steps(steps[-1:], [None])
+    else:
+        steps[-1].status, steps[-1].note = "failed", "no run directories to draw"
+    report(args, steps, run_dirs, started, argv)
     return 1 if any(s.status != "ok" for s in steps) else 0
-
-
-def download(steps: Sequence[Step]) -> bool:
-    """Run the download step, if any; False, having said so, when it failed."""
-    for step in steps:
-        run_steps([step], [None])
-        if step.rc != 0:
-            print(
-                f"\nreproduce: the download failed (exit {step.rc}); nothing else was run. Check the network, "
-                "or pass --data FILE.npz.",
-                file=sys.stderr,
-            )
-            return False
-    return True
 
 
 def run_experiments(args: argparse.Namespace, experiments: Sequence[Step]) -> None:
@@ -417,55 +351,30 @@ def run_experiments(args: argparse.Namespace, experiments: Sequence[Step]) -> No
             collect_results(step, directory, pid)
 
 
-def plot(args: argparse.Namespace, steps: list[Step]) -> list[Path]:
-    """Draw the runs of every experiment, each configuration once; append the plot step to `steps`; return the run
-    directories drawn."""
-    run_dirs, dropped = unique_runs([d for s in steps for d in s.run_dirs])
-    for copy, original in dropped:
-        print(f"reproduce: {copy} trains the same configuration as {original}; drawn once", flush=True)
-    step = Step(f"[{len(steps) + 1}/{len(steps) + 1}] plot", plot_command(args, [str(d) for d in run_dirs]))
-    if run_dirs:
-        run_steps([step], [None])
-    else:
-        step.status, step.note = "failed", "no run directories to draw"
-    steps.append(step)
-    return run_dirs
-
-
-def print_summary(args: argparse.Namespace, steps: Sequence[Step], started: float) -> None:
-    """One line for the whole reproduction, then one per step: status, wall time, run counts, note."""
+def report(
+    args: argparse.Namespace, steps: list[Step], drawn: list[Path], started: float, argv: Sequence[str] | None
+) -> None:
+    """Print the summary; write results/<data>/<profile>/reproduce.json: command, inputs, steps and runs drawn."""
+    out, wall_s = data_dir(args, args.results_dir) / args.profile, round(time.time() - started, 1)
     ok = sum(s.status == "ok" for s in steps)
     print(
-        f"\n=== reproduce --profile {args.profile}: {ok} of {len(steps)} steps ok "
-        f"in {time.time() - started:.0f} s; results in {results_dir(args)}"
+        f"\n=== reproduce --profile {args.profile}: {ok} of {len(steps)} steps ok in {wall_s:.0f} s; results in {out}"
     )
     for s in steps:
         counts = ", ".join(f"{n} {k}" for k, n in s.counts.items() if n)
         print(f"  {s.status:<7} {s.name}  {s.wall_s or 0:.0f} s  {counts}  {s.note}".rstrip())
-
-
-def write_record(
-    args: argparse.Namespace,
-    steps: Sequence[Step],
-    run_dirs: Sequence[Path],
-    started: float,
-    argv: Sequence[str] | None,
-) -> None:
-    """results/<data>/<profile>/reproduce.json: the command, its inputs, every step and the runs drawn."""
+    rows = [{k: v for k, v in vars(s).items() if k not in ("cmd", "run_dirs")} for s in steps]
     record = {
         "command": shlex.join(["python", "-m", "resnet_repro.reproduce", *(sys.argv[1:] if argv is None else argv)]),
         "profile": args.profile,
         "data": args.data or f"CIFAR-10 (torchvision download into {args.data_root})",
         "label": args.label,
         "launcher": args.launcher or "basic",
-        "wall_s": round(time.time() - started, 1),
+        "wall_s": wall_s,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "steps": [
-            {**{k: v for k, v in vars(s).items() if k not in ("run_dirs", "cmd")}, "cmd": display(s.cmd)} for s in steps
-        ],
-        "runs_drawn": [str(d) for d in run_dirs],
+        "steps": [{**row, "cmd": shlex.join(["python", *s.cmd[1:]])} for row, s in zip(rows, steps)],
+        "runs_drawn": [str(d) for d in drawn],
     }
-    out = results_dir(args)
     out.mkdir(parents=True, exist_ok=True)
     (out / "reproduce.json").write_text(json.dumps(record, indent=2) + "\n")
 
