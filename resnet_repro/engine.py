@@ -28,6 +28,7 @@ from resnet_repro.checkpoint import (
     rng_state,
     save_checkpoint,
 )
+from resnet_repro.config import TrainConfig
 from resnet_repro.data import DeviceData
 from resnet_repro.optim import Schedule
 from resnet_repro.run_dir import Preempted
@@ -47,23 +48,6 @@ class NonFiniteError(RuntimeError):
 class NotRequeued(RuntimeError):
     """SIGUSR2 arrived under submitit, the checkpoint was written, and submitit would not requeue the job (it had
     timed out too often): the run is recorded as failed; rerunning the sweep resumes it from the checkpoint."""
-
-
-@dataclass
-class LoopOptions:
-    """How long and how often: everything `fit` needs besides the objects it trains."""
-
-    max_iter: int
-    batch_size: int  # global batch, all ranks together
-    eval_batch_size: int = 1000
-    log_every: int = 100
-    eval_every: int = 2000
-    checkpoint_every: int = 2000
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    cuda_graphs: bool = False  # GraphedIteration: captured on CUDA (eager if that fails), its body elsewhere (tests)
-    progress: bool = True
-    compute_responses: bool = True
-    description: str = "train"
 
 
 @dataclass
@@ -156,26 +140,25 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def fit(run: TrainingRun, run_info: dict[str, Any]) -> dict[str, Any]:
-    """Train `run` to `options.max_iter` (from where its checkpoint left off) and return its metrics; `run_info`
+    """Train `run` to `optim.max_iter` (from where its checkpoint left off) and return its metrics; `run_info`
     (arch, depth, config, versions, ...) is copied into metrics.json, which rank 0 writes last and atomically."""
-    options, schedule = run.options, run.schedule
-    state = run.state
+    max_iter, every, schedule, state = run.cfg.optim.max_iter, run.cfg.trainer, run.schedule, run.state
     try:
         with StopSignal() as stop:
-            while state.iteration < options.max_iter:
+            while state.iteration < max_iter:
                 it = state.iteration
                 lr = schedule.lr(it)
                 wrong = run.iterate(it, lr)  # this rank's batch, forward, backward, update; sums kept on the device
                 state.iteration = it + 1
                 run.observe_warmup(it, wrong)
-                done = state.iteration == options.max_iter
-                if _due(state.iteration, options.log_every, done):
+                done = state.iteration == max_iter
+                if _due(state.iteration, every.log_every, done):
                     run.log_point(lr)
-                if _due(state.iteration, options.eval_every, done) and run.dist_info.is_main:
+                if _due(state.iteration, every.eval_every, done) and run.dist_info.is_main:
                     run.evaluate()
                 state.elapsed_s = time.perf_counter() - run.start_time
                 stopping = run.should_stop(stop)
-                if _due(state.iteration, options.checkpoint_every, done) or stopping:
+                if _due(state.iteration, every.checkpoint_every, done) or stopping:
                     run.checkpoint()
                 if stopping and not done:
                     run.stop_for_requeue(stop)
@@ -193,8 +176,9 @@ class TrainingRun:
     """What `fit` trains: the model, resumed from run_dir/checkpoints/last.pt if there is one, with the work `fit`'s
     loop does besides the iteration itself (warm-up, log points, evaluations, checkpoints, the stop at a signal).
 
-    `model` may be wrapped (DDP, torch.compile). `fingerprint` (the config's) and `identity` (the data's hash, the
-    training precision) are stored in every checkpoint; a resume must match both.
+    `cfg` gives the lengths and intervals (optim.max_iter, data.batch_size, trainer.*_every), `precision` the training
+    arithmetic as resolved for the device. `model` may be wrapped (DDP, torch.compile). `fingerprint` (the config's)
+    and `identity` (the data's hash, the training precision) are stored in every checkpoint; a resume must match both.
     """
 
     def __init__(
@@ -204,16 +188,17 @@ class TrainingRun:
         schedule: Schedule,
         data: DeviceData,
         run_dir: Path,
-        options: LoopOptions,
+        cfg: TrainConfig,
+        precision: str,
         fingerprint: str,
         identity: dict[str, str],
         dist_info: DistInfo | None = None,
     ) -> None:
         self.model, self.plain_model, self.schedule, self.data = model, unwrap(model), schedule, data
-        self.options, self.dist_info, self.device = options, dist_info or DistInfo(), data.device
+        self.cfg, self.dist_info, self.device = cfg, dist_info or DistInfo(), data.device
         self.fingerprint, self.identity = fingerprint, identity
         self.ckpt_path = run_dir / "checkpoints" / CHECKPOINT_NAME
-        self.step = TrainStep(model, optimizer, options.precision, self.device)
+        self.step = TrainStep(model, optimizer, precision, self.device)
         saved = self._restore()
         self.state = RunState(**saved["run_state"]) if saved else RunState()
         self.acc = Accumulators.zeros(self.device, self.state.iteration)
@@ -226,15 +211,16 @@ class TrainingRun:
             self.step,
             data,
             self.acc,
-            options.batch_size,
-            graphs=options.cuda_graphs,
+            cfg.data.batch_size,
+            graphs=cfg.trainer.cuda_graphs,
             capture=self.device.type == "cuda",
             rank=self.dist_info.rank,
             world_size=self.dist_info.world_size,
         )
         main = self.dist_info.is_main
         self.scalars = ScalarLog(run_dir, main, self.state.iteration)
-        self.progress = Progress(options.max_iter, self.state.iteration, options.progress and main, options.description)
+        description = f"{cfg.model.arch}-{cfg.model.depth}"
+        self.progress = Progress(cfg.optim.max_iter, self.state.iteration, cfg.trainer.progress and main, description)
         self.interval_start = time.perf_counter()
 
     def _restore(self) -> dict[str, Any]:
@@ -258,7 +244,7 @@ class TrainingRun:
         """While the warm-up lasts, feed it this iteration's training error over all ranks (a host sync)."""
         warmup = self.schedule.warmup
         if warmup is not None and warmup.active:
-            per_rank_batch = self.options.batch_size // self.dist_info.world_size
+            per_rank_batch = self.cfg.data.batch_size // self.dist_info.world_size
             warmup.observe(iteration, [100.0 * self._all_reduce(wrong.item() / per_rank_batch, "mean")])
 
     def log_point(self, lr: float) -> None:
@@ -270,7 +256,7 @@ class TrainingRun:
         loss_sum, wrong, seen = self._interval_sums()
         loss, err = loss_sum / max(seen, 1), 100.0 * wrong / max(seen, 1)  # the whole global batch's
         speed = seen / max(now - self.interval_start, 1e-9)
-        it, max_iter = self.state.iteration, self.options.max_iter
+        it, max_iter = self.state.iteration, self.cfg.optim.max_iter
         self.state.last = {"train/loss": loss, "train/err": err, "opt/lr": lr, "perf/img_per_s": speed}
         self.scalars.add(it, self.state.last)
         log.info("iter %d/%d lr %.4g loss %.4f train err %.2f%% %.0f img/s", it, max_iter, lr, loss, err, speed)
@@ -281,7 +267,7 @@ class TrainingRun:
     def evaluate(self) -> None:
         """Test (and validation) error and loss of the current weights, in fp32, to TensorBoard and the log; keeps
         the best validation error."""
-        state, batch_size = self.state, self.options.eval_batch_size
+        state, batch_size = self.state, self.cfg.data.eval_batch_size
         test_err, test_loss = evaluate(self.plain_model, self.data, "test", batch_size)
         logged = {"test/err": test_err, "test/loss": test_loss}
         val = ""
@@ -301,7 +287,7 @@ class TrainingRun:
         checkpoint has a barrier), so the flag is all-reduced at log intervals, where the loop syncs anyway."""
         if self.dist_info.world_size == 1:
             return stop.received is not None
-        if self.state.iteration % self.options.log_every != 0:
+        if self.state.iteration % self.cfg.trainer.log_every != 0:
             return False
         return self._all_reduce(float(stop.received is not None), "max") > 0
 
@@ -354,7 +340,7 @@ class TrainingRun:
         """metrics.json's content: `run_info` and the run's results. Under DDP only rank 0 evaluates: other ranks
         return no test, val or response numbers."""
         state, last, responses = self.state, self.state.last, None
-        if self.options.compute_responses and self.dist_info.is_main and run_info.get("arch") in ("plain", "resnet"):
+        if self.cfg.responses and self.dist_info.is_main and self.cfg.model.arch in ("plain", "resnet"):
             from resnet_repro.models.responses import layer_response_std
 
             responses = layer_response_std(self.plain_model, self.data.normalized_test_images())
@@ -362,7 +348,7 @@ class TrainingRun:
             **run_info,
             "status": "finished",
             "iterations": state.iteration,
-            "max_iter": self.options.max_iter,
+            "max_iter": self.cfg.optim.max_iter,
             "eval_precision": EVAL_PRECISION,
             "final_test_err": last.get("test/err"),
             "final_test_loss": last.get("test/loss"),

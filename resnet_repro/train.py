@@ -39,7 +39,7 @@ from resnet_repro.device import (
     resolve_channels_last,
     resolve_precision,
 )
-from resnet_repro.engine import DistInfo, LoopOptions, TrainingRun, fit, write_metrics
+from resnet_repro.engine import DistInfo, TrainingRun, fit, write_metrics
 from resnet_repro.gpu_slots import local_jobs
 from resnet_repro.models import build_model, count_parameters
 from resnet_repro.models.ghost_bn import use_ghost_batch_norm
@@ -173,21 +173,8 @@ def _train_on(cfg: TrainConfig, run_dir: Path, dist_info: DistInfo, device: torc
         precision.value,
         "on" if warmup else "off",
     )
-    options = LoopOptions(
-        max_iter=o.max_iter,
-        batch_size=cfg.data.batch_size,
-        eval_batch_size=cfg.data.eval_batch_size,
-        log_every=cfg.trainer.log_every,
-        eval_every=cfg.trainer.eval_every,
-        checkpoint_every=cfg.trainer.checkpoint_every,
-        precision=precision.value,
-        cuda_graphs=cfg.trainer.cuda_graphs,
-        progress=cfg.trainer.progress,
-        compute_responses=cfg.responses,
-        description=f"{cfg.model.arch}-{cfg.model.depth}",
-    )
     identity, fingerprint = {"data_sha256": data_sha256, "precision": precision.value}, config_fingerprint(config_dict)
-    run = TrainingRun(model, optimizer, schedule, data, run_dir, options, fingerprint, identity, dist_info)
+    run = TrainingRun(model, optimizer, schedule, data, run_dir, cfg, precision.value, fingerprint, identity, dist_info)
     metrics = fit(run, run_info)
     if dist_info.is_main:
         write_metrics(run_dir, metrics)

@@ -13,8 +13,9 @@ import torch
 from reliability_support import make_tiny_npz, state_digest
 
 from resnet_repro.bench.measure import random_cifar
+from resnet_repro.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, TrainerConfig
 from resnet_repro.data import DeviceData, load_npz
-from resnet_repro.engine import LoopOptions, TrainingRun, fit
+from resnet_repro.engine import TrainingRun, fit
 from resnet_repro.models import build_model
 from resnet_repro.optim import Schedule, make_sgd
 from resnet_repro.step import (
@@ -129,11 +130,14 @@ def _fit(run_dir: Path, npz: Path, cuda_graphs: bool, max_iter: int) -> str:
     torch.manual_seed(0)
     model = build_model("resnet", 8)
     optimizer = make_sgd(model, 0.1, 0.9, 1e-4, fused=True)
-    options = LoopOptions(
-        max_iter=max_iter, batch_size=16, eval_batch_size=500, log_every=4, eval_every=6, checkpoint_every=6,
-        progress=False, compute_responses=False, cuda_graphs=cuda_graphs,
+    cfg = TrainConfig(
+        model=ModelConfig(depth=8),
+        data=DataConfig(batch_size=16, eval_batch_size=500),
+        optim=OptimConfig(max_iter=max_iter),
+        trainer=TrainerConfig(log_every=4, eval_every=6, checkpoint_every=6, progress=False, cuda_graphs=cuda_graphs),
+        responses=False,
     )
-    run = TrainingRun(model, optimizer, Schedule(0.1, [8, 10], 0.1), data, run_dir, options, "f" * 64, {})
+    run = TrainingRun(model, optimizer, Schedule(0.1, [8, 10], 0.1), data, run_dir, cfg, "fp32", "f" * 64, {})
     fit(run, {"arch": "resnet"})
     return state_digest(run_dir / "checkpoints" / "last.pt")
 
