@@ -31,8 +31,7 @@ from resnet_repro.checkpoint import (
 from resnet_repro.config import TrainConfig
 from resnet_repro.data import DeviceData
 from resnet_repro.optim import Schedule
-from resnet_repro.run_dir import Preempted
-from resnet_repro.run_files import METRICS_NAME
+from resnet_repro.run_dir import METRICS_NAME, Preempted
 from resnet_repro.step import Accumulators, TrainStep, make_iteration, match_parameter_layouts
 from resnet_repro.tracking import Progress, ScalarLog, now_iso
 

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from resnet_repro.errors import ConfigError
 from resnet_repro.gpu_slots import runs_per_gpu
 from resnet_repro.results import unique_runs
-from resnet_repro.run_files import FAILED_NAME, METRICS_NAME, PLAN_JSON, SUMMARY_JSON, data_dir_name
+from resnet_repro.run_dir import FAILED_NAME, METRICS_NAME, PLAN_JSON, SUMMARY_JSON, data_dir_name
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 

@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from resnet_repro.errors import ConfigError
 from resnet_repro.paper import paper_result
-from resnet_repro.run_files import FAILED_NAME, METRICS_NAME
+from resnet_repro.run_dir import FAILED_NAME, METRICS_NAME
 
 log = logging.getLogger(__name__)
 

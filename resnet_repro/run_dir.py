@@ -1,4 +1,5 @@
-"""Who may write a run directory, and what a job leaves in it: `own_run_directory` wraps one training job.
+"""The run directory: its name, the names of its files, who may write it, and what a job leaves in it
+(`own_run_directory` wraps one training job).
 
 A finished run (metrics.json) is skipped; one training process per directory holds an exclusive `flock` on
 `<run dir>/.train.lock` while it trains; a failure leaves failed.json; the exit codes say which of these happened.
@@ -17,17 +18,18 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import socket
 import sys
 import traceback
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 
 from omegaconf.errors import OmegaConfBaseException
 
 from resnet_repro.checkpoint import atomic_write_json
 from resnet_repro.errors import ConfigError
-from resnet_repro.run_files import FAILED_NAME, METRICS_NAME
 from resnet_repro.tracking import now_iso
 
 log = logging.getLogger("resnet_repro.train")
@@ -36,7 +38,12 @@ EXIT_FAILED = 1
 EXIT_CONFIG_ERROR = 2  # the command line or config is wrong (Hydra's own rejections too, via `train.cli`); nothing ran
 EXIT_PREEMPTED = 3  # SIGTERM/SIGUSR1/SIGUSR2: checkpoint written; rerun the same command to resume
 EXIT_BUSY = 5  # another process is training this run directory; nothing was written into it
-LOCK_NAME = ".train.lock"
+METRICS_NAME = "metrics.json"  # a finished run: written last and atomically; a rerun skips the run
+FAILED_NAME = "failed.json"  # a failed run: the error and its traceback
+SUMMARY_JSON = "sweep_summary.json"  # a sweep directory: what became of each planned run (written at the end)
+PLAN_JSON = "sweep_plan.json"  # a sweep directory: the planned run directories (written at the start)
+SUMMARY_LOG = "sweeps.log"  # a sweep directory: every summary, appended
+LOCK_NAME = ".train.lock"  # held while a process trains the run
 NAME_MAX_BYTES = 255  # the longest file name Linux file systems accept
 
 
@@ -46,6 +53,24 @@ class RunDirectoryBusy(RuntimeError):
 
 class Preempted(RuntimeError):
     """SIGTERM/SIGUSR1/SIGUSR2 arrived; a checkpoint was written at a step boundary."""
+
+
+def slugify(text: str) -> str:
+    """Directory name for a data label: 'CIFAR-10 sample (5,085 train / 1,017 test)' -> 'cifar-10-sample-5085-...'."""
+    text = re.sub(r"(?<=\d),(?=\d)", "", text.lower())
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-") or "data"
+
+
+def data_dir_name(source: str | Enum, path: str | None, label: str | None) -> str:
+    """The data's directory level, runs/<this>/<experiment>/<run>: runs on different data never share a run directory
+    (a finished sample run must not make a full-data run skip). The slug of data.label if set, else of the npz file's
+    name, else 'cifar-10' (torchvision's download)."""
+    source = getattr(source, "value", source)
+    if label:
+        return slugify(label)
+    if source == "npz" and path:
+        return slugify(Path(path).stem)
+    return slugify("CIFAR-10")
 
 
 def run_name(override_dirname: str) -> str:

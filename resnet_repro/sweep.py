@@ -32,8 +32,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from resnet_repro.checkpoint import atomic_write_json
-from resnet_repro.run_dir import holder
-from resnet_repro.run_files import FAILED_NAME, METRICS_NAME, PLAN_JSON, SUMMARY_JSON, SUMMARY_LOG
+from resnet_repro.run_dir import FAILED_NAME, METRICS_NAME, PLAN_JSON, SUMMARY_JSON, SUMMARY_LOG, holder
 from resnet_repro.tracking import now_iso
 
 STATUSES = ("finished", "skipped", "failed", "incomplete")

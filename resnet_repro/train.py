@@ -44,8 +44,15 @@ from resnet_repro.gpu_slots import local_jobs
 from resnet_repro.models import build_model, count_parameters
 from resnet_repro.models.ghost_bn import use_ghost_batch_norm
 from resnet_repro.optim import Schedule, Warmup, make_sgd
-from resnet_repro.run_dir import EXIT_CONFIG_ERROR, hydra_subdir, own_run_directory, run_log, run_name
-from resnet_repro.run_files import METRICS_NAME, data_dir_name
+from resnet_repro.run_dir import (
+    EXIT_CONFIG_ERROR,
+    METRICS_NAME,
+    data_dir_name,
+    hydra_subdir,
+    own_run_directory,
+    run_log,
+    run_name,
+)
 from resnet_repro.tracking import environment_info
 
 log = logging.getLogger("resnet_repro.train")

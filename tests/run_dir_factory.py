@@ -1,5 +1,5 @@
 """Fabricate run directories exactly as train.py writes them (the run-directory contract:
-file names in resnet_repro/run_files.py).
+file names in resnet_repro/run_dir.py).
 
 Used by the results/plot tests, and usable to diff a fabricated directory against a real run's.
 """

@@ -11,7 +11,7 @@ import torch
 from reliability_support import compose_config
 
 from resnet_repro.engine import DistInfo
-from resnet_repro.run_files import METRICS_NAME
+from resnet_repro.run_dir import METRICS_NAME
 from resnet_repro.train import train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

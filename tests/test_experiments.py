@@ -21,8 +21,7 @@ import resnet_repro.train  # noqa: F401 - registers the schema and the resolvers
 from resnet_repro import sweep
 from resnet_repro.gpu_slots import local_jobs
 from resnet_repro.results import NON_RECIPE_KEYS
-from resnet_repro.run_dir import run_name
-from resnet_repro.run_files import data_dir_name
+from resnet_repro.run_dir import data_dir_name, run_name
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))

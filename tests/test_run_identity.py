@@ -22,7 +22,7 @@ from resnet_repro.data import DeviceData, load_npz
 from resnet_repro.engine import evaluate
 from resnet_repro.errors import ConfigError
 from resnet_repro.models import build_model
-from resnet_repro.run_files import data_dir_name
+from resnet_repro.run_dir import data_dir_name
 
 TINY = ["optim.max_iter=4", "optim.milestones=[2]", "data.batch_size=8", "trainer.log_every=2",
         "trainer.eval_every=4", "trainer.checkpoint_every=2"]

@@ -30,7 +30,7 @@ import pytest
 from conftest import REPO
 from reliability_support import compose_config, state_digest, train_in_process
 
-from resnet_repro.run_files import PLAN_JSON, SUMMARY_JSON
+from resnet_repro.run_dir import PLAN_JSON, SUMMARY_JSON
 from resnet_repro.sweep import EXIT_SWEEP_FAILED, SQUEUE_GONE_STATE, _squeue_watcher_class
 
 # One CPU and no GPU per job.

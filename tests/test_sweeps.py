@@ -22,7 +22,7 @@ import pytest
 
 from resnet_repro import reproduce
 from resnet_repro.results import unique_runs
-from resnet_repro.run_files import PLAN_JSON, SUMMARY_JSON
+from resnet_repro.run_dir import PLAN_JSON, SUMMARY_JSON
 from resnet_repro.sweep import EXIT_SWEEP_FAILED, PlannedRun, format_summary, run_status
 
 REPO = Path(__file__).resolve().parents[1]
