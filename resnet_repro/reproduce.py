@@ -68,7 +68,7 @@ TITLE_SUFFIX = {
 }
 LAUNCHERS = ("basic", "local", "slurm", "submitit_local")
 # The device a profile's runs must train on unless the command line names one (no weeks of paper runs on a CPU).
-PROFILE_DEVICE = {"paper": "cuda", "cpu": "cpu"}
+PROFILE_DEVICE = {"paper": "cuda", "cpu": "cpu", "quick": "cpu"}
 # Launchers whose sweeps run several jobs at once: the experiments are launched together, so no GPU idles while one
 # experiment waits for its longest run; each one's output goes to runs/<data>/<experiment>/reproduce.log.
 CONCURRENT_LAUNCHERS = ("local", "slurm")
@@ -126,12 +126,12 @@ def train_command(experiment: Experiment, args: argparse.Namespace) -> list[str]
 
 
 def device_overrides(args: argparse.Namespace) -> list[str]:
-    """The profile's device (`trainer.device=cuda` for the paper profile) and, for the CPU profile, the fastest
-    settings measured on a CPU (device.cpu_speed_overrides), unless the command line sets those keys itself."""
+    """The profile's device (`trainer.device=cuda` for the paper profile) and, for the CPU profiles (cpu, quick), the
+    fastest settings measured on a CPU (device.cpu_speed_overrides), unless the command line sets those keys itself."""
     given = {o.lstrip("+").split("=", 1)[0] for o in args.overrides}
     wanted = [f"trainer.device={PROFILE_DEVICE[args.profile]}"] if args.profile in PROFILE_DEVICE else []
-    if args.profile == "cpu":
-        from resnet_repro import device  # imports torch, so only for this profile
+    if PROFILE_DEVICE.get(args.profile) == "cpu":
+        from resnet_repro import device  # imports torch, so only for these profiles
 
         wanted += device.cpu_speed_overrides()
     return [o for o in wanted if o.split("=", 1)[0] not in given]

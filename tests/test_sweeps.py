@@ -21,6 +21,7 @@ import fault_injection.sitecustomize as faults
 import pytest
 
 from resnet_repro import reproduce
+from resnet_repro.device import cpu_speed_overrides
 from resnet_repro.results import unique_runs
 from resnet_repro.run_dir import PLAN_JSON, SUMMARY_JSON
 from resnet_repro.sweep import EXIT_SWEEP_FAILED, PlannedRun, format_summary, run_status
@@ -150,7 +151,7 @@ def test_reproduce_dry_run_prints_the_commands(capsys: pytest.CaptureFixture) ->
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == shlex.join([py, "-m", "resnet_repro.train", "-m", "experiment=quick", "runs_dir=runs",
                                    "data=npz", f"data.path={Path('x.npz').resolve()}", f'data.label="{label}"',
-                                   "trainer.threads=1"])
+                                   "trainer.device=cpu", *cpu_speed_overrides(), "trainer.threads=1"])
     assert "--out results/cifar-10-sample-5085-train-1017-test/quick --title-suffix" in lines[1]
     assert "quick profile: shortened, lr 0.02" in lines[1]
 
