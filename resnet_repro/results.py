@@ -208,7 +208,8 @@ def _compared(a: Errors, b: Errors, word: str, headlines: Sequence[str], at: str
 
 
 def degradation_verdict(runs: Sequence[Run]) -> list[str]:
-    """Sentences on degradation (deeper plain net worse on train and test) and on ResNet vs plain at equal depth."""
+    """Sentences on degradation (deeper plain net worse on train and test), on ResNet vs plain at equal depth, and on
+    deeper vs shallower ResNets (the paper's Table 6: error falls with depth, 8.75 % at 20 to 6.97 % at 56)."""
     plain = _final_errors(runs, "plain")
     degraded = ("No degradation", "No degradation", "Degradation")
     sentences = [_compared(plain[deep], plain[low], "higher", degraded) for low, deep in combinations(plain, 2)]
@@ -219,6 +220,8 @@ def degradation_verdict(runs: Sequence[Run]) -> list[str]:
         resnet = _final_errors(runs, "resnet", shortcut)
         depths = sorted(set(resnet) & set(plain))
         sentences += [_compared(resnet[d], plain[d], "lower", helps, f" at depth {d}") for d in depths]
+        deeper = ("Deeper ResNet not better (unlike the paper)", "Deeper ResNet partly better", "Deeper ResNet better")
+        sentences += [_compared(resnet[deep], resnet[low], "lower", deeper) for low, deep in combinations(resnet, 2)]
     return sentences
 
 

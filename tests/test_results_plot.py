@@ -110,6 +110,22 @@ def test_degradation_follows_the_data(tmp_path: Path, deep_train: float, degrade
     assert sentences[1].startswith("Residual learning helps at depth 56: ResNet-56 ends with lower")
 
 
+DEEPER = [
+    (8.0, "Deeper ResNet better"),
+    (9.5, "Deeper ResNet partly better"),
+    (12.0, "Deeper ResNet not better (unlike the paper)"),
+]
+
+
+@pytest.mark.parametrize(("deep_test", "headline"), DEEPER)
+def test_deeper_resnets_are_compared_with_each_other(tmp_path: Path, deep_test: float, headline: str) -> None:
+    make_run_dir(tmp_path, "resnet", 20, final_test_err=9.0, final_train_err=6.0)
+    make_run_dir(tmp_path, "resnet", 56, final_test_err=deep_test, final_train_err=deep_test - 4.0)
+    sentences = degradation_verdict([load_run(d) for d in find_runs([tmp_path])])
+    assert sentences[-1].startswith(f"{headline}: ResNet-56 ends with ")
+    assert f"final test error ({deep_test:.2f}% vs 9.00%) than ResNet-20." in sentences[-1]
+
+
 def test_a_single_seed_gap_under_half_a_point_is_called_noise(tmp_path: Path) -> None:
     make_run_dir(tmp_path, "plain", 20, final_test_err=9.0, final_train_err=6.0)
     make_run_dir(tmp_path, "plain", 56, final_test_err=9.4, final_train_err=6.3)  # higher, by 0.4 and 0.3 points
