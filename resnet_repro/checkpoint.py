@@ -39,35 +39,28 @@ def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
 def restore_rng_state(state: Mapping[str, torch.Tensor], device: torch.device) -> None:
     """Put `rng_state`'s states back: the CPU generator's, and the CUDA one onto `device` when both are CUDA."""
     torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        cuda = state["cuda"]
-        if isinstance(cuda, (list, tuple)):  # checkpoints before 2026-12-01 kept every GPU's state, by index
-            index = device.index or 0
-            log.warning("checkpoint from before 2026-12-01: restoring its CUDA generator state of GPU %d", index)
-            cuda = cuda[index] if index < len(cuda) else None
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda, device)
+    cuda = state.get("cuda") if device.type == "cuda" else None
+    if isinstance(cuda, (list, tuple)):  # checkpoints before 2026-12-01 kept every GPU's state, by index
+        index = device.index or 0
+        log.warning("checkpoint from before 2026-12-01: restoring its CUDA generator state of GPU %d", index)
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def config_fingerprint(config: dict[str, Any]) -> str:
     """sha256 of the config minus keys that do not change results: two runs resume each other only if equal."""
     cleaned = json.loads(json.dumps(config, sort_keys=True, default=str))
-    for dotted in RESUME_NEUTRAL_KEYS:
-        *parents, leaf = dotted.split(".")
-        node = cleaned
-        for part in parents:
-            node = node.get(part, {})
-        node.pop(leaf, None)
+    for dotted in RESUME_NEUTRAL_KEYS:  # top-level keys and keys of a section
+        section, _, leaf = dotted.rpartition(".")
+        (cleaned.get(section, {}) if section else cleaned).pop(leaf, None)
     return hashlib.sha256(json.dumps(cleaned, sort_keys=True).encode()).hexdigest()
 
 
 def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write a file so that readers see the old version or the new one, never a partial one.
-
-    `write(f)` writes into a temp file in the same directory; it is flushed, fsynced and renamed over `path`,
-    and the directory is fsynced. A failure at any point leaves `path` untouched and removes the temp file
-    (a SIGKILL leaves the temp file behind: `remove_stale_temp_files` deletes it at the next start).
-    """
+    """Write a file so that readers see the old version or the new one, never a partial one: `write(f)` fills a temp
+    file in the same directory, which is fsynced and renamed over `path`, then the directory is fsynced. A failure
+    leaves `path` untouched and removes the temp file (after a SIGKILL, `remove_stale_temp_files` at the next start)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -89,14 +82,13 @@ def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], object]) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     """Atomically write `obj` as indented JSON."""
-    atomic_write_bytes(
-        path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
-    )
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
 
 def remove_stale_temp_files(directory: Path) -> int:
     """Delete temp files left by an interrupted atomic write; returns how many were removed."""
-    stale = list(directory.glob(".*.tmp")) if directory.is_dir() else []
+    stale = list(directory.glob(".*.tmp"))  # none in a directory that does not exist
     for tmp in stale:
         tmp.unlink(missing_ok=True)
     if stale:
@@ -116,7 +108,7 @@ def _load_error_reason(exc: Exception) -> str:
     if "central directory" in text:
         return "truncated or corrupt (its zip archive has no central directory)"
     if text.startswith("Weights only load failed"):
-        detail = text.split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in text else text
+        detail = text.split("WeightsUnpickler error:", 1)[-1]
         detail = detail.split(" Check the documentation")[0].split("trusted source.")[-1].strip()
         return f"not a checkpoint of plain tensors (torch.load with weights_only=True refused it: {detail[:160]})"
     return f"{type(exc).__name__}: {text[:200]}"
@@ -129,34 +121,34 @@ def load_checkpoint(
 
     `identity` (e.g. {"data_sha256": ..., "precision": "bf16"}) is what the run computes on and with, beyond its
     config: a checkpoint written on other data or in other arithmetic is refused, naming the key that differs."""
-    fix = f"to start this run over, delete {path} (or the whole run directory {path.parent.parent})"
+
+    def refused(problem: str) -> ConfigError:
+        fix = f"to start this run over, delete {path} (or the whole run directory {path.parent.parent})"
+        return ConfigError(f"checkpoint {path} {problem}; {fix}")
+
     size = path.stat().st_size
     if size == 0:
-        raise ConfigError(f"checkpoint {path} is empty (0 bytes); {fix}")
+        raise refused("is empty (0 bytes)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated or foreign files
-        reason = _load_error_reason(exc)
-        raise ConfigError(f"checkpoint {path} ({size} bytes) cannot be read: {reason}; {fix}") from None
+        raise refused(f"({size} bytes) cannot be read: {_load_error_reason(exc)}") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
-        raise ConfigError(f"checkpoint {path} is not a resnet_repro checkpoint (format {FORMAT_VERSION}); {fix}")
+        raise refused(f"is not a resnet_repro checkpoint (format {FORMAT_VERSION})")
     missing = [key for key in REQUIRED_KEYS if key not in state]
     if missing:
-        raise ConfigError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); {fix}")
+        raise refused(f"is incomplete (missing {', '.join(missing)})")
     saved_identity = state.get("identity", {})
     for key, value in (identity or {}).items():
         if saved_identity.get(key) != value:
-            raise ConfigError(
-                f"checkpoint {path} was written with {key}={saved_identity.get(key, 'unrecorded')!r}, this run has "
-                f"{key}={value!r} (other data or other numerics would mix two runs in one); {fix}"
+            raise refused(
+                f"was written with {key}={saved_identity.get(key, 'unrecorded')!r}, this run has {key}={value!r} "
+                "(other data or other numerics would mix two runs in one)"
             )
-    if state.get("config_fingerprint") != fingerprint:
-        raise ConfigError(
-            f"checkpoint {path} was written by a different configuration (config hash "
-            f"{str(state.get('config_fingerprint'))[:12]} != {fingerprint[:12]} of this run); {fix}"
-        )
-    expected = model.state_dict()
-    saved = state.get("model", {})
+    if state["config_fingerprint"] != fingerprint:
+        hashes = f"{str(state['config_fingerprint'])[:12]} != {fingerprint[:12]}"
+        raise refused(f"was written by a different configuration (config hash {hashes} of this run)")
+    expected, saved = model.state_dict(), state["model"]
     if set(saved) != set(expected) or any(saved[k].shape != v.shape for k, v in expected.items()):
-        raise ConfigError(f"checkpoint {path} holds a different architecture than model.arch/model.depth; {fix}")
+        raise refused("holds a different architecture than model.arch/model.depth")
     return state

@@ -138,22 +138,15 @@ def register_configs() -> None:
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
     """The composed config as a typed TrainConfig; keys the schema does not declare are an error (not dropped)."""
-    _reject_undeclared_keys(cfg, TrainConfig, "")
+    sections = [(cfg, TrainConfig, "")]
+    for node, schema, prefix in sections:  # grows as it goes: each section's subsections are checked after it
+        declared = {f.name: f.default_factory for f in fields(schema)}
+        for key in (k for k in node if k != "hydra"):
+            if key not in declared:
+                raise ConfigError(f"{prefix}{key} is not a config key; valid keys here: {', '.join(sorted(declared))}")
+            if is_dataclass(declared[key]):
+                sections.append((node[key], declared[key], f"{prefix}{key}."))
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
-
-
-def _reject_undeclared_keys(node: DictConfig, schema: type, prefix: str) -> None:
-    """Raise ConfigError for the first key of `node` (recursively) that `schema` does not declare."""
-    declared = {f.name: f for f in fields(schema)}
-    for key in node:
-        if key == "hydra":
-            continue
-        full = f"{prefix}{key}"
-        if key not in declared:
-            raise ConfigError(f"{full} is not a config key; valid keys here: {', '.join(sorted(declared))}")
-        section = declared[key].default_factory
-        if isinstance(section, type) and is_dataclass(section):
-            _reject_undeclared_keys(node[key], section, f"{full}.")
 
 
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -171,21 +164,14 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.trainer
     require(m.num_classes >= 2, "model.num_classes", m.num_classes, "an integer >= 2")
     require(d.batch_size >= 1, "data.batch_size", d.batch_size, "a positive integer (paper: 128)")
-    require(
-        d.batch_size % world_size == 0,
-        "data.batch_size",
-        d.batch_size,
-        f"must be divisible by the number of processes ({world_size}); use e.g. {128 // world_size * world_size}",
+    per_rank, rest = divmod(d.batch_size, world_size)
+    divisible = (
+        f"must be divisible by the number of processes ({world_size}); use e.g. {128 // world_size * world_size}"
     )
-    per_rank = d.batch_size // world_size
+    require(rest == 0, "data.batch_size", d.batch_size, divisible)
     require(m.bn_group >= 0, "model.bn_group", m.bn_group, "0 (whole batch) or a positive divisor of the batch")
-    if m.bn_group:
-        require(
-            per_rank % m.bn_group == 0,
-            "model.bn_group",
-            m.bn_group,
-            f"must divide the per-process batch {per_rank} (data.batch_size / processes); e.g. 64 for batch 128",
-        )
+    divides = f"must divide the per-process batch {per_rank} (data.batch_size / processes); e.g. 64 for batch 128"
+    require(not m.bn_group or per_rank % m.bn_group == 0, "model.bn_group", m.bn_group, divides)
     require(d.val_split >= 0, "data.val_split", d.val_split, "0 or a positive number of images (paper: 5000)")
     require(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "a positive integer")
     if DataSource(d.source) is DataSource.npz:
@@ -196,34 +182,22 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a non-negative number (paper: 1e-4)")
     require(0 < o.gamma <= 1, "optim.gamma", o.gamma, "a number in (0, 1] (paper: 0.1)")
     require(o.max_iter >= 1, "optim.max_iter", o.max_iter, "a positive number of iterations (paper: 64000)")
-    ms = list(o.milestones)
-    require(
-        all(a < b for a, b in zip(ms, ms[1:])),
-        "optim.milestones",
-        ms,
-        "strictly increasing iterations, e.g. [32000,48000]",
-    )
-    require(
-        all(0 < x < o.max_iter for x in ms),
-        "optim.milestones",
-        ms,
+    ms, increasing = list(o.milestones), "strictly increasing iterations, e.g. [32000,48000]"
+    require(all(a < b for a, b in zip(ms, ms[1:])), "optim.milestones", ms, increasing)
+    # The paper's milestones (32k, 48k of 64k: 50%, 75%) scaled to max_iter; one too short for two distinct gets fewer.
+    paper = ",".join(str(x) for x in sorted({o.max_iter // 2, o.max_iter * 3 // 4}) if x > 0)
+    within = (
         f"each milestone must lie in (0, optim.max_iter={o.max_iter}); with optim.max_iter={o.max_iter} also set "
-        f"optim.milestones={paper_milestones(o.max_iter)} (the paper's shape: lr / 10 at 50% and 75% of max_iter)",
+        f"optim.milestones=[{paper}] (the paper's shape: lr / 10 at 50% and 75% of max_iter)"
     )
+    require(all(0 < x < o.max_iter for x in ms), "optim.milestones", ms, within)
     require(o.warmup_lr > 0, "optim.warmup_lr", o.warmup_lr, "a positive number (paper: 0.01)")
     require(0 < o.warmup_until_err <= 100, "optim.warmup_until_err", o.warmup_until_err, "a percentage in (0, 100]")
     require(o.warmup_window >= 1, "optim.warmup_window", o.warmup_window, "a positive number of minibatches")
     require(o.warmup_max_iter >= 1, "optim.warmup_max_iter", o.warmup_max_iter, "a positive number of iterations")
     for key in ("log_every", "eval_every", "checkpoint_every"):
-        value = getattr(t, key)
-        require(value >= 1, f"trainer.{key}", value, "a positive number of iterations")
+        require(getattr(t, key) >= 1, f"trainer.{key}", getattr(t, key), "a positive number of iterations")
     require(t.threads >= 0, "trainer.threads", t.threads, "0 (torch default) or a positive thread count")
-
-
-def paper_milestones(max_iter: int) -> str:
-    """The paper's milestones (32k and 48k of 64k iterations: 50% and 75%) scaled to `max_iter`, as an override
-    value; a schedule too short for two distinct milestones gets fewer."""
-    return f"[{','.join(str(m) for m in sorted({max_iter // 2, max_iter * 3 // 4}) if m > 0)}]"
 
 
 def check_batch_fits(batch_size: int, n_train: int) -> None:
@@ -233,6 +207,4 @@ def check_batch_fits(batch_size: int, n_train: int) -> None:
 
 def warmup_enabled(optim: OptimConfig, depth: int | None) -> bool:
     """The paper warms up ResNet-110 and 1202; `optim.warmup=null` means exactly that rule."""
-    if optim.warmup is None:
-        return depth is not None and depth >= 110
-    return bool(optim.warmup)
+    return depth is not None and depth >= 110 if optim.warmup is None else bool(optim.warmup)

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -55,20 +56,14 @@ def load_cifar10(root: str | Path) -> ImageArrays:
     from torchvision.datasets import CIFAR10
 
     try:
-        train = CIFAR10(str(root), train=True, download=True)
-        test = CIFAR10(str(root), train=False, download=True)
+        splits = [CIFAR10(str(root), train=train, download=True) for train in (True, False)]
     except (RuntimeError, OSError) as exc:
         raise ConfigError(
             f"data.root={str(root)!r}: could not load or download CIFAR-10 ({exc}). Check the network, or use "
             "data=npz data.path=FILE.npz"
         ) from exc
-    return ImageArrays(
-        x_train=torch.from_numpy(train.data),
-        y_train=torch.tensor(train.targets, dtype=torch.int64),
-        x_test=torch.from_numpy(test.data),
-        y_test=torch.tensor(test.targets, dtype=torch.int64),
-        label="CIFAR-10",
-    )
+    arrays = [t for s in splits for t in (torch.from_numpy(s.data), torch.tensor(s.targets, dtype=torch.int64))]
+    return ImageArrays(*arrays, label="CIFAR-10")
 
 
 def load_npz(path: str | Path, label: str | None = None, num_classes: int = 10) -> ImageArrays:
@@ -95,13 +90,9 @@ def load_npz(path: str | Path, label: str | None = None, num_classes: int = 10) 
             raise ConfigError(f"{where}: y_{split} must be {need}, got {y.dtype} {y.shape}")
         if y.size and (y.min() < 0 or y.max() >= num_classes):
             raise ConfigError(f"{where}: y_{split} labels must lie in 0..{num_classes - 1}")
-    return ImageArrays(
-        x_train=torch.from_numpy(arrays["x_train"]),
-        y_train=torch.from_numpy(arrays["y_train"].astype(np.int64)),
-        x_test=torch.from_numpy(arrays["x_test"]),
-        y_test=torch.from_numpy(arrays["y_test"].astype(np.int64)),
-        label=label or f"{path.name} ({len(arrays['y_train']):,} train / {len(arrays['y_test']):,} test)",
-    )
+        arrays[f"y_{split}"] = y.astype(np.int64)
+    label = label or f"{path.name} ({len(arrays['y_train']):,} train / {len(arrays['y_test']):,} test)"
+    return ImageArrays(*(torch.from_numpy(arrays[key]) for key in NPZ_KEYS), label=label)
 
 
 def split_validation(data: ImageArrays, val_split: int, seed: int) -> tuple[ImageArrays, ImageArrays | None]:
@@ -113,8 +104,7 @@ def split_validation(data: ImageArrays, val_split: int, seed: int) -> tuple[Imag
         raise ConfigError(f"data.val_split={val_split} must be smaller than the {n} training images")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(10_007 + seed))
     val_idx, train_idx = perm[:val_split].sort().values, perm[val_split:].sort().values
-    train = ImageArrays(data.x_train[train_idx], data.y_train[train_idx], data.x_test, data.y_test, data.label)
-    val = ImageArrays(data.x_train[val_idx], data.y_train[val_idx], data.x_test, data.y_test, data.label)
+    val, train = (replace(data, x_train=data.x_train[i], y_train=data.y_train[i]) for i in (val_idx, train_idx))
     return train, val
 
 
@@ -135,29 +125,23 @@ def pixel_mean(images_nchw: torch.Tensor) -> torch.Tensor:
 class Normalizer:
     """Per-pixel mean subtraction (paper) or per-channel mean/std, with statistics from training images only."""
 
-    def __init__(self, train_images_nchw: torch.Tensor, mode: str) -> None:
+    def __init__(self, train_images_nchw: torch.Tensor, mode: str, device: torch.device | str = "cpu") -> None:
         if mode == "pixel_mean":
-            self.mean = pixel_mean(train_images_nchw)
-            self.scale = torch.ones(1, 3, 1, 1)
+            mean, scale = pixel_mean(train_images_nchw), torch.ones(1, 3, 1, 1)
         elif mode == "channel":
             x = train_images_nchw.to(torch.float64) / 255.0
-            self.mean = x.mean(dim=(0, 2, 3), keepdim=True).float()
-            self.scale = 1.0 / x.std(dim=(0, 2, 3), keepdim=True).float()
+            mean = x.mean(dim=(0, 2, 3), keepdim=True).float()
+            scale = 1.0 / x.std(dim=(0, 2, 3), keepdim=True).float()
         else:
             raise ConfigError(f"data.normalize={mode!r} is not allowed: pixel_mean | channel")
-
-    def to(self, device: torch.device) -> Normalizer:
-        """Move the statistics to `device` (in place); returns self."""
-        self.mean, self.scale = self.mean.to(device), self.scale.to(device)
-        return self
+        self.mean, self.scale = mean.to(device), scale.to(device)
 
     def __call__(self, images_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 NCHW -> normalised float32 NCHW."""
         return (images_uint8.float() / 255.0 - self.mean) * self.scale
 
 
-@dataclass
-class EpochPlan:
+class EpochPlan(NamedTuple):
     """Order and augmentation of every image in one epoch (drawn together, so resume needs no RNG state)."""
 
     order: torch.Tensor  # (N,) permutation of the training set
@@ -171,27 +155,23 @@ def plan_epoch(n: int, seed: int, epoch: int, augment: bool, device: torch.devic
     g = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + epoch) % (2**63))
     order = torch.randperm(n, generator=g)
     if augment:
-        offsets = torch.randint(0, 2 * PAD + 1, (2, n), generator=g)
-        flip = torch.rand(n, generator=g) < 0.5
+        offsets, flip = torch.randint(0, 2 * PAD + 1, (2, n), generator=g), torch.rand(n, generator=g) < 0.5
     else:
-        offsets = torch.full((2, n), PAD, dtype=torch.int64)
-        flip = torch.zeros(n, dtype=torch.bool)
-    return EpochPlan(order.to(device), offsets[0].to(device), offsets[1].to(device), flip.to(device))
+        offsets, flip = torch.full((2, n), PAD, dtype=torch.int64), torch.zeros(n, dtype=torch.bool)
+    return EpochPlan(*(t.to(device) for t in (order, *offsets, flip)))
 
 
 def crop_and_flip(
     images: torch.Tensor, offset_y: torch.Tensor, offset_x: torch.Tensor, flip: torch.Tensor
 ) -> torch.Tensor:
     """Pad a float NCHW batch by PAD zeros, take per-image 32x32 crops at the given offsets, flip where asked."""
-    n = images.shape[0]
     padded = torch.nn.functional.pad(images, (PAD, PAD, PAD, PAD))
     ar = torch.arange(IMAGE_SIZE, device=images.device)
     rows = (offset_y[:, None] + ar)[:, None, :, None]  # (N, 1, 32, 1)
     cols = torch.where(flip[:, None], offset_x[:, None] + IMAGE_SIZE - 1 - ar, offset_x[:, None] + ar)
-    cols = cols[:, None, None, :]  # (N, 1, 1, 32)
-    batch = torch.arange(n, device=images.device)[:, None, None, None]
+    batch = torch.arange(images.shape[0], device=images.device)[:, None, None, None]
     chans = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
-    return padded[batch, chans, rows, cols]
+    return padded[batch, chans, rows, cols[:, None, None, :]]  # cols: (N, 1, 1, 32)
 
 
 class DeviceData:
@@ -200,43 +180,30 @@ class DeviceData:
     def __init__(
         self, data: ImageArrays, val: ImageArrays | None, device: torch.device, normalize: str, augment: bool, seed: int
     ) -> None:
-        self.device = device
-        self.augment = augment
-        self.seed = seed
-        self.x_train = to_nchw(data.x_train).to(device)
-        self.y_train = data.y_train.to(device)
-        self.normalizer = Normalizer(to_nchw(data.x_train), normalize).to(device)
+        self.device, self.augment, self.seed = device, augment, seed
+        self.x_train, self.y_train = to_nchw(data.x_train).to(device), data.y_train.to(device)
+        self.normalizer = Normalizer(to_nchw(data.x_train), normalize, device)
         self.x_test, self.y_test = to_nchw(data.x_test).to(device), data.y_test.to(device)
         self.x_val = to_nchw(val.x_train).to(device) if val is not None else None
         self.y_val = val.y_train.to(device) if val is not None else None
-        self._plans: dict[int, EpochPlan] = {}
+        self._plans: dict[int, EpochPlan] = {}  # drawn on first use; only the latest epoch and the one before kept
 
     @property
     def n_train(self) -> int:
-        """Number of training images."""
         return len(self.y_train)
-
-    def _plan(self, epoch: int) -> EpochPlan:
-        """Epoch `epoch`'s plan, drawn on first use; only it and the epoch before are kept."""
-        if epoch not in self._plans:
-            self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
-            self._plans[epoch] = plan_epoch(self.n_train, self.seed, epoch, self.augment, self.device)
-        return self._plans[epoch]
 
     def stream_indices(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Image indices, crop offsets and flips of stream positions [start, start+count), across epochs."""
         parts = []
-        pos, end = start, start + count
-        while pos < end:
-            epoch, within = divmod(pos, self.n_train)
-            take = min(end - pos, self.n_train - within)
-            plan = self._plan(epoch)
-            sl = slice(within, within + take)
-            parts.append((plan.order[sl], plan.offset_y[sl], plan.offset_x[sl], plan.flip[sl]))
-            pos += take
-        if len(parts) == 1:
-            return parts[0]
-        return tuple(torch.cat(column) for column in zip(*parts))  # type: ignore[return-value]
+        while count > 0:
+            epoch, within = divmod(start, self.n_train)
+            take = min(count, self.n_train - within)
+            if epoch not in self._plans:
+                self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
+                self._plans[epoch] = plan_epoch(self.n_train, self.seed, epoch, self.augment, self.device)
+            parts.append(tuple(t[within : within + take] for t in self._plans[epoch]))
+            start, count = start + take, count - take
+        return parts[0] if len(parts) == 1 else tuple(torch.cat(c) for c in zip(*parts))  # type: ignore[return-value]
 
     def train_batch(self, iteration: int, batch_size: int, rank: int = 0, world_size: int = 1):
         """The (images, labels) of `iteration`: this rank's slice of the global batch, normalised and augmented."""

@@ -37,10 +37,8 @@ def nvidia_gpus() -> str | None:
     """What nvidia-smi says about this machine's NVIDIA GPUs, whatever torch sees; None without nvidia-smi or when it
     finds no GPU."""
     listing = nvidia_smi("-L")
-    if listing is None:
-        return None
-    said = (listing.stdout + listing.stderr).strip()
-    if "No devices were found" in said:
+    said = (listing.stdout + listing.stderr).strip() if listing is not None else ""
+    if listing is None or "No devices were found" in said:
         return None
     if listing.returncode != 0:
         return f"nvidia-smi is installed but fails ({said.splitlines()[0] if said else f'exit {listing.returncode}'})"
@@ -81,21 +79,20 @@ def device_type(requested: Device) -> str:
 def check_device_options(trainer: TrainerConfig, kind: str, world_size: int) -> None:
     """Refuse what this job's device (`kind` from device_type) cannot run: fp16 on the CPU; CUDA graphs on the CPU,
     with several processes or with fp16."""
-    precision = Precision(trainer.precision)
-    on_cpu = kind == "cpu"
-    fp16 = precision is Precision.fp16
-    require(not (on_cpu and fp16), "trainer.precision", precision.value, "fp16 needs CUDA; on CPU use fp32 (or bf16)")
+    on_cpu, fp16 = kind == "cpu", Precision(trainer.precision) is Precision.fp16
+    require(not (on_cpu and fp16), "trainer.precision", "fp16", "fp16 needs CUDA; on CPU use fp32 (or bf16)")
     if trainer.cuda_graphs:
         require(not on_cpu, "trainer.cuda_graphs", True, "CUDA graphs need a GPU; use trainer.cuda_graphs=false")
         require(world_size == 1, "trainer.cuda_graphs", True, "one process only; with torchrun use false")
         require(not fp16, "trainer.cuda_graphs", True, "not with trainer.precision=fp16; use bf16")
 
 
-def use_cuda_device(device: torch.device) -> None:
+def use_cuda_device(device: torch.device) -> torch.device:
     """Make `device` this process's current GPU and let cuDNN autotune its convolutions (the shapes never change,
-    so each convolution's fastest algorithm is timed once, in the first iterations)."""
+    so each convolution's fastest algorithm is timed once, in the first iterations); returns `device`."""
     torch.cuda.set_device(device)
     torch.backends.cudnn.benchmark = True
+    return device
 
 
 @contextlib.contextmanager
@@ -110,15 +107,11 @@ def job_device(kind: str, world_size: int, sweeping: bool) -> Iterator[torch.dev
         return
     if world_size > 1 or not sweeping:
         index = int(os.environ.get("LOCAL_RANK", 0)) if world_size > 1 else torch.cuda.current_device()
-        device = torch.device("cuda", index)
-        use_cuda_device(device)
-        yield device
+        yield use_cuda_device(torch.device("cuda", index))
         return
     slot = acquire_gpu_slot(cuda_gpu_keys(), runs_per_gpu())
     try:
-        device = torch.device("cuda", slot.index)
-        use_cuda_device(device)
-        yield device
+        yield use_cuda_device(torch.device("cuda", slot.index))
     finally:
         try:  # a launcher's worker is reused for later jobs, maybe on another GPU: give this one's cache back
             torch.cuda.empty_cache()
@@ -151,10 +144,9 @@ def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Does this CPU compute bf16 natively (x86 avx512_bf16 or amx_bf16)? Without it bf16 autocast is emulated and
     slower than fp32."""
     try:
-        flags = cpuinfo.read_text()
+        return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo.read_text()))
     except OSError:
         return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
 def cpu_speed_overrides() -> list[str]:
