@@ -71,63 +71,46 @@ class GpuSlot:
             self.handle.close()
 
 
-def default_slot_dir() -> Path:
-    """`$RESNET_REPRO_SLOT_DIR`, or this user's folder in the system temp directory (shared by all their jobs)."""
-    return Path(os.environ.get(SLOT_DIR_ENV) or Path(tempfile.gettempdir()) / f"resnet_repro-gpu-slots-{os.getuid()}")
-
-
-def _slot_path(slot_dir: Path, key: str, slot: int) -> Path:
-    """The lock file of one slot of the GPU `key`, its name made file-safe."""
-    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in key)
-    return slot_dir / f"{safe}.slot{slot}.lock"
-
-
-def _try_lock(path: Path) -> IO[bytes] | None:
-    """Open and exclusively lock `path` without waiting; None when another process holds it."""
-    handle = open(path, "ab")  # noqa: SIM115 - the handle is the lock and outlives this function
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        return None
-    return handle
+def _lock_free_slots(slot_dir: Path, key: str, runs_per_gpu: int) -> list[tuple[int, IO[bytes]]]:
+    """The slots of the GPU `key` that no process holds, each with its lock file opened and locked without waiting."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in key)  # a file-safe name
+    free = []
+    for slot in range(runs_per_gpu):
+        handle = open(slot_dir / f"{safe}.slot{slot}.lock", "ab")  # noqa: SIM115 - the handle is the lock
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            free.append((slot, handle))
+        except BlockingIOError:
+            handle.close()
+    return free
 
 
 def _try_acquire(gpu_keys: Sequence[str], runs_per_gpu: int, slot_dir: Path) -> GpuSlot | None:
-    """One pass under the chooser lock: a free slot of the GPU with the fewest held slots, or None."""
+    """One pass under the chooser lock: a free slot of the GPU with the most free slots (ties: the lowest index)."""
     with open(slot_dir / CHOOSER_NAME, "ab") as chooser:  # closing it releases the lock
         fcntl.flock(chooser, fcntl.LOCK_EX)  # slot choice, serialised among all jobs of the machine
-        free: dict[int, list[tuple[int, IO[bytes]]]] = {}
-        for index, key in enumerate(gpu_keys):
-            free[index] = []
-            for slot in range(runs_per_gpu):
-                handle = _try_lock(_slot_path(slot_dir, key, slot))
-                if handle is not None:
-                    free[index].append((slot, handle))
-        candidates = [index for index in free if free[index]]
-        chosen = max(candidates, key=lambda index: (len(free[index]), -index)) if candidates else None
+        free = [_lock_free_slots(slot_dir, key, runs_per_gpu) for key in gpu_keys]
+        best = max(range(len(free)), key=lambda index: (len(free[index]), -index), default=None)
         held = None
-        for index, handles in free.items():
-            for position, (slot, handle) in enumerate(handles):
-                if index == chosen and position == 0:
-                    held = GpuSlot(index, gpu_keys[index], slot, handle)
-                else:
-                    handle.close()  # and with it the lock
+        if best is not None and free[best]:
+            slot, handle = free[best].pop(0)
+            held = GpuSlot(best, gpu_keys[best], slot, handle)
+        for handles in free:
+            for _, handle in handles:
+                handle.close()  # and with it the lock
         return held
 
 
 def acquire_gpu_slot(
     gpu_keys: Sequence[str], runs_per_gpu: int, slot_dir: Path | None = None, poll_s: float = 1.0
 ) -> GpuSlot:
-    """Block until a slot is free; take one on the GPU with the most free slots (ties: the lowest index)."""
-    slot_dir = slot_dir or default_slot_dir()
+    """Block until a slot is free; take one on the GPU with the most free slots (ties: the lowest index). The slot
+    folder is `$RESNET_REPRO_SLOT_DIR`, or this user's in the system temp directory (shared by all their jobs)."""
+    tmp = Path(tempfile.gettempdir()) / f"resnet_repro-gpu-slots-{os.getuid()}"
+    slot_dir = slot_dir or Path(os.environ.get(SLOT_DIR_ENV) or tmp)
     slot_dir.mkdir(parents=True, exist_ok=True)
     started = next_log = time.monotonic()
-    while True:
-        held = _try_acquire(gpu_keys, runs_per_gpu, slot_dir)
-        if held is not None:
-            log.info("GPU %d (%s): slot %d of %d taken", held.index, held.key, held.slot + 1, runs_per_gpu)
-            return held
+    while (held := _try_acquire(gpu_keys, runs_per_gpu, slot_dir)) is None:
         if time.monotonic() >= next_log:
             waited = time.monotonic() - started
             log.info(
@@ -135,14 +118,13 @@ def acquire_gpu_slot(
             )
             next_log += WAIT_LOG_EVERY_S
         time.sleep(poll_s)
+    log.info("GPU %d (%s): slot %d of %d taken", held.index, held.key, held.slot + 1, runs_per_gpu)
+    return held
 
 
 def cuda_gpu_keys() -> list[str]:
     """A stable key per visible CUDA device: its UUID (the same GPU has the same key in every process)."""
     import torch
 
-    keys = []
-    for index in range(torch.cuda.device_count()):
-        uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
-        keys.append(f"GPU-{uuid}" if uuid is not None else f"cuda{index}")
-    return keys
+    uuids = [getattr(torch.cuda.get_device_properties(i), "uuid", None) for i in range(torch.cuda.device_count())]
+    return [f"cuda{i}" if uuid is None else f"GPU-{uuid}" for i, uuid in enumerate(uuids)]

@@ -27,7 +27,6 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -53,49 +52,36 @@ class PlannedRun:
 
 def _file_state(path: Path) -> tuple[int, int] | None:
     """(mtime_ns, size) of a file, or None when it does not exist; compared, never read as a clock."""
-    try:
+    with contextlib.suppress(FileNotFoundError):
         st = path.stat()
-    except FileNotFoundError:
-        return None
-    return st.st_mtime_ns, st.st_size
-
-
-def sweep_jobs(overrides: list[Override]) -> list[list[str]]:
-    """Each job's overrides, as Hydra's basic sweeper splits a multirun: the product of every key's values, a later
-    value of a key (the command line's) replacing an earlier one (the experiment file's `hydra.sweeper.params`)."""
-    values: dict[str, list[str]] = {}
-    for override in overrides:
-        key = override.get_key_element()
-        if override.is_sweep_override():
-            values[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
-        else:
-            values[key] = [f"{key}={override.get_value_element_as_str()}"]
-    return [list(job) for job in itertools.product(*values.values())]
-
-
-def override_dirname(job: list[Override], naming: DictConfig) -> str:
-    """A job's `hydra.job.override_dirname`, by Hydra's rule: its overrides less `naming.exclude_keys`, sorted,
-    joined with `naming.item_sep`, each `=` replaced by `naming.kv_sep`."""
-    lines = sorted(str(o.input_line) for o in job if o.key_or_group not in naming.exclude_keys)
-    return naming.item_sep.join(lines).replace("=", naming.kv_sep)
+        return st.st_mtime_ns, st.st_size
+    return None
 
 
 def planned_runs(config: DictConfig) -> list[PlannedRun]:
-    """The run directories of the multirun described by `config` (the composed multirun config, hydra node included):
-    its jobs (sweep_jobs of `hydra.sweeper.params` and `hydra.overrides.task`), each with `hydra.sweep.dir` and
-    `hydra.sweep.subdir` resolved for its override_dirname."""
-    hc = config.hydra
+    """The run directories of the multirun described by `config` (the composed multirun config, hydra node included).
+
+    Its jobs are split as Hydra's basic sweeper does: the product of every key's values, a later value of a key (the
+    command line's, `hydra.overrides.task`) replacing an earlier one (the experiment file's `hydra.sweeper.params`).
+    Each job's `hydra.sweep.dir` / `hydra.sweep.subdir` is resolved for its override_dirname, by Hydra's rule: its
+    overrides less `exclude_keys`, sorted, joined with `item_sep`, each `=` replaced by `kv_sep`."""
+    hc, parser = config.hydra, OverridesParser.create()
     params = [f"{key}={value}" for key, value in (hc.sweeper.get("params") or {}).items()]
-    parser = OverridesParser.create()
-    naming = hc.job.config.override_dirname
-    saved = HydraConfig.instance().cfg
-    runs = []
+    values: dict[str, list[str]] = {}
+    for o in parser.parse_overrides(params + list(hc.overrides.task)):
+        key = o.get_key_element()
+        swept = o.sweep_string_iterator() if o.is_sweep_override() else [o.get_value_element_as_str()]
+        values[key] = [f"{key}={value}" for value in swept]
+    naming, saved, runs = hc.job.config.override_dirname, HydraConfig.instance().cfg, []
     try:
-        for num, job in enumerate(sweep_jobs(parser.parse_overrides(params + list(hc.overrides.task)))):
+        for num, job in enumerate(map(list, itertools.product(*values.values()))):
+            kept = sorted(
+                str(o.input_line) for o in parser.parse_overrides(job) if o.key_or_group not in naming.exclude_keys
+            )
             job_cfg = copy.deepcopy(config)
             OmegaConf.set_readonly(job_cfg.hydra, False)
             with open_dict(job_cfg.hydra):
-                job_cfg.hydra.job.override_dirname = override_dirname(parser.parse_overrides(job), naming)
+                job_cfg.hydra.job.override_dirname = naming.item_sep.join(kept).replace("=", naming.kv_sep)
                 job_cfg.hydra.job.num = num
             # `${hydra:...}` in the sweep directories reads the HydraConfig singleton: set to each job's config, as
             # Hydra's launchers do (hydra.core.utils.run_job), and restored after
@@ -117,9 +103,7 @@ def run_status(run: PlannedRun, before: dict[str, Any]) -> dict[str, Any]:
             done = json.loads(metrics.read_text())
             row.update(test_err=done.get("final_test_err"), train_err=done.get("final_train_err"))
             row["wall_s"] = done.get("wall_time_s")
-        return row
-    failed_now = _file_state(failed)
-    if failed_now is not None:
+    elif (failed_now := _file_state(failed)) is not None:
         try:
             error = json.loads(failed.read_text()).get("error", "unknown error")
         except (OSError, ValueError):
@@ -128,11 +112,9 @@ def run_status(run: PlannedRun, before: dict[str, Any]) -> dict[str, Any]:
             row.update(status="failed", error=error)
         else:
             row.update(status="incomplete", error=f"not run by this sweep; an earlier attempt failed: {error}")
-        return row
-    row["status"] = "incomplete"
-    busy = holder(run.dir)
-    if busy is not None:
-        row["error"] = f"being trained by {busy} (another launch of this sweep?)"
+    else:
+        busy = holder(run.dir)
+        row.update(status="incomplete", error=busy and f"being trained by {busy} (another launch of this sweep?)")
     return row
 
 
@@ -142,28 +124,16 @@ def format_summary(sweep_dir: str, rows: list[dict[str, Any]]) -> str:
     lines = [f"Sweep summary for {sweep_dir}: {len(rows)} runs, " + ", ".join(f"{n} {s}" for s, n in counts.items())]
     width = max((len(r["name"]) for r in rows), default=0)
     for r in rows:
-        if r["status"] in ("finished", "skipped") and r.get("test_err") is not None:
-            detail = f"test err {r['test_err']:.2f}%  train err {r['train_err']:.2f}%"
-            if r["status"] == "skipped":
-                detail += "  (metrics.json existed before this sweep)"
-        elif r["status"] in ("failed", "incomplete"):
+        detail = ""
+        if r["status"] in ("failed", "incomplete"):
             detail = r["error"] or "no metrics.json or failed.json; rerun the same command to resume it"
-        else:
-            detail = ""
+        elif r.get("test_err") is not None:
+            detail = f"test err {r['test_err']:.2f}%  train err {r['train_err']:.2f}%"
+            detail += "  (metrics.json existed before this sweep)" if r["status"] == "skipped" else ""
         lines.append(f"  {r['status']:<10}  {r['name']:<{width}}  {detail}".rstrip())
     if counts["failed"] or counts["incomplete"]:
         lines.append("Rerun the same command: failed runs are retried, incomplete ones resumed, finished ones skipped.")
     return "\n".join(lines)
-
-
-def slurm_accounting_disabled() -> bool:
-    """Does the Slurm cluster of this machine's configuration (`scontrol show config`) run without accounting?
-    False when there is no Slurm here or it cannot be asked."""
-    try:
-        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return re.search(r"^AccountingStorageType\s*=\s*accounting_storage/none\s*$", out, flags=re.MULTILINE) is not None
 
 
 def _squeue_watcher_class() -> type:
@@ -175,14 +145,12 @@ def _squeue_watcher_class() -> type:
         its end) instead of `sacct`, for clusters without accounting. A job squeue no longer lists has ended."""
 
         def _make_command(self) -> list[str] | None:
-            """The squeue command listing this user's jobs; None when no job is left to follow."""
             if super()._make_command() is None:  # no job left to follow
                 return None
             return ["squeue", "--noheader", "--array", "--states=all", f"--user={os.getuid()}",
                     "--format=%i|%T|%N"]  # fmt: skip
 
         def read_info(self, string: bytes | str) -> dict[str, dict[str, str]]:
-            """Job states from squeue's output; a followed job squeue no longer lists has ended."""
             text = string.decode() if isinstance(string, bytes) else string
             info = super().read_info("JobID|State|NodeList\n" + text)  # sacct's header, so sacct's parser reads it
             for job_id in self._registered - self._finished:
@@ -193,30 +161,29 @@ def _squeue_watcher_class() -> type:
     return SqueueWatcher
 
 
-def use_squeue_without_slurm_accounting(config: DictConfig) -> bool:
-    """Under hydra/launcher=slurm on a cluster without accounting (a single-machine Slurm), make submitit follow its
-    jobs with squeue: its `sacct` polls would fail with a warning each, and a job that died without a result file
-    would be waited for forever. Clusters with accounting keep sacct. Returns whether squeue is now used."""
-    target = OmegaConf.select(config, "hydra.launcher._target_", default=None)
-    if target != SLURM_LAUNCHER or not slurm_accounting_disabled():
-        return False
-    from submitit.slurm import slurm
+def use_squeue_without_slurm_accounting(config: DictConfig) -> None:
+    """Under hydra/launcher=slurm on a cluster without accounting (a single-machine Slurm, as `scontrol show config`
+    tells), make submitit follow its jobs with squeue: its `sacct` polls would fail with a warning each, and a job
+    that died without a result file would be waited for forever. Clusters with accounting keep sacct."""
+    if OmegaConf.select(config, "hydra.launcher._target_", default=None) != SLURM_LAUNCHER:
+        return
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):  # no Slurm here, or it cannot be asked
+        return
+    if re.search(r"^AccountingStorageType\s*=\s*accounting_storage/none\s*$", out, flags=re.MULTILINE):
+        from submitit.slurm import slurm
 
-    watcher_class = _squeue_watcher_class()
-    if type(slurm.SlurmJob.watcher).__name__ != watcher_class.__name__:  # once per process
-        slurm.SlurmJob.watcher = watcher_class(delay_s=600)  # submitit's own delay for its SlurmJob watcher
-    return True
+        watcher_class = _squeue_watcher_class()
+        if type(slurm.SlurmJob.watcher).__name__ != watcher_class.__name__:  # once per process
+            slurm.SlurmJob.watcher = watcher_class(delay_s=600)  # submitit's own delay for its SlurmJob watcher
 
 
 class SweepSummary(Callback):
     """Hydra callback: note finished runs when a multirun starts; print, log and save a summary when it ends."""
 
-    def __init__(self) -> None:
-        """Nothing planned yet."""
-        self.runs: list[PlannedRun] | None = None
-        self.before: dict[Path, dict[str, Any]] = {}
-        self.started = now_iso()
-        self.plan_error: str | None = None
+    runs: list[PlannedRun] | None = None
+    plan_error: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Plan the run directories and record which already hold metrics.json / failed.json."""
@@ -228,7 +195,7 @@ class SweepSummary(Callback):
         try:
             self.runs = planned_runs(config)
         except Exception as exc:  # noqa: BLE001 - a summary must never stop a sweep
-            self.runs, self.plan_error = None, f"{type(exc).__name__}: {exc}"
+            self.plan_error = f"{type(exc).__name__}: {exc}"
             return
         self.before = {
             r.dir: {"metrics": (r.dir / METRICS_NAME).is_file(), "failed": _file_state(r.dir / FAILED_NAME)}
@@ -237,14 +204,10 @@ class SweepSummary(Callback):
         # if the launcher itself dies (a lost worker, a failed job array), no summary is written: the plan still
         # tells `reproduce` which directories belong to this sweep
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        plan = {
-            "pid": os.getpid(),
-            "started": self.started,
-            "runs": [{"name": r.name, "dir": str(r.dir)} for r in self.runs],
-        }
+        runs = [{"name": r.name, "dir": str(r.dir)} for r in self.runs]
         try:
             sweep_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(sweep_dir / PLAN_JSON, plan)
+            atomic_write_json(sweep_dir / PLAN_JSON, {"pid": os.getpid(), "started": self.started, "runs": runs})
         except OSError as exc:
             print(f"warning: could not write the sweep plan into {sweep_dir}: {exc}", file=sys.stderr)
 
@@ -257,22 +220,16 @@ class SweepSummary(Callback):
         rows = [run_status(r, self.before[r.dir]) for r in self.runs]
         text = format_summary(sweep_dir, rows)
         print(text, flush=True)
-        ended = now_iso()
-        summary = {
-            "sweep_dir": sweep_dir,
-            "command_overrides": list(config.hydra.overrides.task),
-            "started": self.started,
-            "ended": ended,
-            "pid": os.getpid(),
-            "counts": {s: sum(r["status"] == s for r in rows) for s in STATUSES},
-            "runs": rows,
-        }
+        overrides, ended = list(config.hydra.overrides.task), now_iso()
+        counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
+        summary = {"sweep_dir": sweep_dir, "command_overrides": overrides, "started": self.started, "ended": ended,
+                   "pid": os.getpid(), "counts": counts, "runs": rows}  # fmt: skip
         try:
             Path(sweep_dir).mkdir(parents=True, exist_ok=True)
             atomic_write_json(Path(sweep_dir) / SUMMARY_JSON, summary)
             with open(Path(sweep_dir) / SUMMARY_LOG, "a") as f:
-                f.write(f"[{ended}] overrides: {' '.join(summary['command_overrides'])}\n{text}\n\n")
+                f.write(f"[{ended}] overrides: {' '.join(overrides)}\n{text}\n\n")
         except OSError as exc:
             print(f"warning: could not write the sweep summary into {sweep_dir}: {exc}", file=sys.stderr)
-        if summary["counts"]["failed"] or summary["counts"]["incomplete"]:
+        if counts["failed"] or counts["incomplete"]:
             sys.exit(EXIT_SWEEP_FAILED)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import logging
 import os
 import platform
 import socket
@@ -13,49 +12,38 @@ from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
-
-
 GIT_SHA_ENV = "RESNET_REPRO_GIT_SHA"
 
 
 def git_sha(cwd: Path | None = None) -> str | None:
     """The current commit of the source tree (with `-dirty` if modified); outside git (a copied tree, e.g. on a
     GPU machine the repository is sent to without .git) `$RESNET_REPRO_GIT_SHA` if set, else None."""
-    here = cwd or Path(__file__).resolve().parent
     fallback = os.environ.get(GIT_SHA_ENV) or None
+    run = {"cwd": cwd or Path(__file__).resolve().parent, "capture_output": True, "text": True, "timeout": 5}
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], **run)
         if sha.returncode != 0:
             return fallback
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **run).stdout.strip()
         return sha.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return fallback
 
 
-def device_name(device: torch.device) -> str:
-    """A human name for the training device, e.g. 'NVIDIA H100 80GB HBM3' or 'cpu (2 threads)'."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})"
-
-
 def environment_info(device: torch.device) -> dict:
-    """Versions and machine facts recorded at the start of every run and in metrics.json."""
+    """Versions and machine facts recorded at the start of every run and in metrics.json; the device by name, e.g.
+    'NVIDIA H100 80GB HBM3' or 'cpu (2 threads, x86_64)'."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})"
     return {
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "python": platform.python_version(),
         "git_sha": git_sha(),
-        "device": device_name(device),
+        "device": name,
         "threads": torch.get_num_threads(),
         "host": socket.gethostname(),
     }
@@ -79,25 +67,22 @@ class ScalarLog:
             self.writer = SummaryWriter(str(run_dir), purge_step=start_iteration + 1 if start_iteration else None)
 
     def add(self, iteration: int, scalars: dict[str, float]) -> None:
-        """Write each tag -> value at `iteration`."""
         if self.writer is not None:
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, value, iteration)
 
     def flush(self) -> None:
-        """Flush pending events to disk."""
         if self.writer is not None:
             self.writer.flush()
 
     def close(self) -> None:
-        """Flush and close the event file."""
         if self.writer is not None:
             self.writer.close()
 
 
 class Progress:
     """A tqdm bar over iterations (iteration, lr, loss, train err, img/s, ETA), or nothing. While it shows, log lines
-    to the console print above the bar instead of into its line."""
+    to the console print above the bar instead of into its line; close() gives the console its handler back."""
 
     def __init__(self, total: int, start: int, enabled: bool, description: str) -> None:
         self.bar = None
@@ -116,7 +101,6 @@ class Progress:
             self.bar.set_postfix(fields, refresh=False)
 
     def close(self) -> None:
-        """Close the bar; console log lines go straight to the console again."""
         if self.bar is not None:
             self.bar.close()
         self.console.close()
