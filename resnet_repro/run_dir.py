@@ -28,9 +28,7 @@ from pathlib import Path
 
 from omegaconf.errors import OmegaConfBaseException
 
-from resnet_repro.checkpoint import atomic_write_json
 from resnet_repro.errors import ConfigError
-from resnet_repro.tracking import now_iso
 
 log = logging.getLogger("resnet_repro.train")
 
@@ -135,6 +133,8 @@ def hold_run_directory(run_dir: Path) -> Callable[[], None]:
             f"{run_dir} is being trained by {taken_by}; not touching it. Stop that process, or wait for it: "
             "rerunning the command after it ends resumes or skips this run"
         ) from None
+    from resnet_repro.tracking import now_iso  # here, not at the top: reproduce and plot import this module, torch-free
+
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()}\n")
@@ -184,6 +184,9 @@ def own_run_directory(train: Callable[[], object], run_dir: Path, rank: int, wor
 def _failed(exc: Exception, run_dir: Path, rank: int, sweeping: bool) -> str:
     """Record a failed run: failed.json (the error, the date, the traceback) and the log; in a sweep return
     'failed', else exit EXIT_CONFIG_ERROR for a config error, EXIT_FAILED for anything else."""
+    from resnet_repro.checkpoint import atomic_write_json  # imports torch: here (see hold_run_directory)
+    from resnet_repro.tracking import now_iso
+
     if rank == 0:
         trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         error = f"{type(exc).__name__}: {exc}"

@@ -83,3 +83,10 @@ def test_the_command_line_refuses_a_run_directory_in_use_and_leaves_it_alone(sam
     proc = subprocess.run(cli_command(args), cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]  # free again: the same command now trains it
     assert (run_dir / "metrics.json").is_file()
+
+
+def test_the_run_directory_names_import_without_torch() -> None:
+    """reproduce and plot read run directories through run_dir.py; importing them must not cost torch's start-up."""
+    code = "import sys, resnet_repro.reproduce, resnet_repro.plot; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert out.strip() == "False"
