@@ -14,14 +14,6 @@ from reliability_support import cli_command, cli_env, compose_config, data_overr
 
 import resnet_repro.device as device_module
 from resnet_repro.config import Device, Precision
-from resnet_repro.device import (
-    check_device_options,
-    device_type,
-    init_distributed,
-    job_device,
-    resolve_channels_last,
-    resolve_precision,
-)
 from resnet_repro.engine import DistInfo
 from resnet_repro.errors import ConfigError
 from resnet_repro.train import train
@@ -62,7 +54,7 @@ def test_gpus_torch_cannot_see_are_an_error_with_the_fix(
     on_path(monkeypatch, fake_nvidia_smi(tmp_path, f"{H100}\nGPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-2)"))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     with pytest.raises(ConfigError) as caught:
-        device_type(requested)
+        device_module.device_type(requested)
     message = str(caught.value)
     assert message.startswith(f"trainer.device='{requested.value}': nvidia-smi lists 2 GPU(s) ({H100})")
     assert "runs CUDA up to 12.4" in message and f"torch {torch.__version__}" in message
@@ -70,7 +62,7 @@ def test_gpus_torch_cannot_see_are_an_error_with_the_fix(
     assert "CUDA_VISIBLE_DEVICES" not in message
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES='' decides which GPUs torch may use"):
-        device_type(requested)
+        device_module.device_type(requested)
 
 
 def test_a_failing_nvidia_smi_is_a_machine_with_gpus_too(
@@ -79,30 +71,30 @@ def test_a_failing_nvidia_smi_is_a_machine_with_gpus_too(
     failure = "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver."
     on_path(monkeypatch, fake_nvidia_smi(tmp_path, failure, exit_code=9))
     with pytest.raises(ConfigError, match=f"nvidia-smi is installed but fails \\({failure}\\)"):
-        device_type(Device.auto)
+        device_module.device_type(Device.auto)
 
 
 def test_without_nvidia_gpus_auto_is_the_cpu_and_cuda_an_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, torch_sees_no_gpu: None
 ) -> None:
     on_path(monkeypatch, None)
-    assert device_type(Device.auto) == "cpu"
+    assert device_module.device_type(Device.auto) == "cpu"
     with pytest.raises(ConfigError, match="trainer.device='cuda' is not allowed: torch sees no GPU"):
-        device_type(Device.cuda)
+        device_module.device_type(Device.cuda)
     on_path(monkeypatch, fake_nvidia_smi(tmp_path, "No devices were found", exit_code=6))
-    assert device_type(Device.auto) == "cpu"
+    assert device_module.device_type(Device.auto) == "cpu"
 
 
 def test_cpu_on_purpose_never_asks_nvidia_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     on_path(monkeypatch, fake_nvidia_smi(tmp_path, H100))
     monkeypatch.setattr(device_module, "nvidia_smi", lambda *args: pytest.fail("nvidia-smi was run"))
-    assert device_type(Device.cpu) == "cpu"
+    assert device_module.device_type(Device.cpu) == "cpu"
 
 
 def test_a_gpu_torch_sees_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(device_module, "nvidia_smi", lambda *args: pytest.fail("nvidia-smi was run"))
-    assert device_type(Device.auto) == device_type(Device.cuda) == "cuda"
+    assert device_module.device_type(Device.auto) == device_module.device_type(Device.cuda) == "cuda"
 
 
 def test_the_run_stops_before_anything_is_built(
@@ -158,8 +150,8 @@ def test_torchrun_ranks_take_their_gpu_before_joining_the_process_group(
 def test_ranks_on_the_cpu_join_with_gloo(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple] = []
     monkeypatch.setattr(device_module.dist, "init_process_group", lambda *a, **k: calls.append((a, k)))
-    with job_device("cpu", 2, sweeping=False) as device:
-        init_distributed(device)
+    with device_module.job_device("cpu", 2, sweeping=False) as device:
+        device_module.init_distributed(device)
     assert calls == [(("gloo",), {})]
 
 
@@ -168,21 +160,21 @@ def test_one_gpu_run_takes_the_current_gpu_with_cudnn_autotuning(monkeypatch: py
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    with job_device("cpu", 1, sweeping=False) as device:
+    with device_module.job_device("cpu", 1, sweeping=False) as device:
         assert device == torch.device("cpu") and not torch.backends.cudnn.benchmark and not current
-    with job_device("cuda", 1, sweeping=False) as device:
+    with device_module.job_device("cuda", 1, sweeping=False) as device:
         assert device == torch.device("cuda", 3) and current == [device]
         assert torch.backends.cudnn.benchmark
 
 
 def test_precision_and_layout_follow_the_device() -> None:
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert resolve_precision(Precision.auto, cuda) is Precision.bf16
-    assert resolve_precision(Precision.auto, cpu) is Precision.fp32
-    assert resolve_precision(Precision.fp16, cuda) is Precision.fp16
-    assert resolve_precision(Precision.bf16, cpu) is Precision.bf16
-    assert resolve_channels_last(None, cuda) and not resolve_channels_last(None, cpu)
-    assert resolve_channels_last(True, cpu) and not resolve_channels_last(False, cuda)
+    assert device_module.resolve_precision(Precision.auto, cuda) is Precision.bf16
+    assert device_module.resolve_precision(Precision.auto, cpu) is Precision.fp32
+    assert device_module.resolve_precision(Precision.fp16, cuda) is Precision.fp16
+    assert device_module.resolve_precision(Precision.bf16, cpu) is Precision.bf16
+    assert device_module.resolve_channels_last(None, cuda) and not device_module.resolve_channels_last(None, cpu)
+    assert device_module.resolve_channels_last(True, cpu) and not device_module.resolve_channels_last(False, cuda)
 
 
 @pytest.mark.parametrize(
@@ -197,5 +189,6 @@ def test_precision_and_layout_follow_the_device() -> None:
 )
 def test_what_the_device_cannot_run_is_refused_by_name(overrides, kind, world_size, refusal) -> None:
     with pytest.raises(ConfigError, match=re.escape(refusal)):
-        check_device_options(compose_config(overrides).trainer, kind, world_size)
-    check_device_options(compose_config(["trainer.cuda_graphs=true"]).trainer, "cuda", 1)  # bf16 on one GPU is fine
+        device_module.check_device_options(compose_config(overrides).trainer, kind, world_size)
+    # bf16 on one GPU is fine
+    device_module.check_device_options(compose_config(["trainer.cuda_graphs=true"]).trainer, "cuda", 1)
